@@ -1,0 +1,108 @@
+"""Typed, frozen per-module configuration produced by the recipe (ptq/recipe.py) and consumed by passes and modules.
+
+A module never reads the recipe: the swap pass hands each swapped module one of these objects. ``None`` for a spec
+means "bypass": that tensor passes through exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ptq.formats import QuantSpec
+
+
+@dataclass(frozen=True)
+class LinearQuantConfig:
+    """Quantization of one ``nn.Linear``: weight blocked along in_features (axis -1), input along its last dim."""
+
+    weight: QuantSpec | None = None
+    data_in: QuantSpec | None = None
+    bias: QuantSpec | None = None
+    gptq: bool = False  # the GPTQ pass owns this module's weight quantization
+
+    @property
+    def bypassed(self) -> bool:
+        return self.weight is None and self.data_in is None and self.bias is None
+
+
+@dataclass(frozen=True)
+class AttentionQuantConfig:
+    """Quantization inside one attention module (Llama family).
+
+    kv_cache: K (after RoPE) and V where they are written to the cache, both blocked along head_dim (the reduction
+        axis of Q K^T for K; for V, per token, so a decode step can quantize what it writes without waiting for a
+        block of future tokens). Attention in the same forward reads the quantized values.
+    qk_matmul: both operands of Q K^T, along head_dim. av_matmul: both operands of A V, along the key axis.
+    softmax: the attention probabilities (softmax output), along the key axis. rope: Q and K after RoPE, along head_dim.
+    """
+
+    kv_cache: QuantSpec | None = None
+    qk_matmul: QuantSpec | None = None
+    av_matmul: QuantSpec | None = None
+    softmax: QuantSpec | None = None
+    rope: QuantSpec | None = None
+
+    @property
+    def bypassed(self) -> bool:
+        return all(s is None for s in (self.kv_cache, self.qk_matmul, self.av_matmul, self.softmax, self.rope))
+
+    @property
+    def needs_eager(self) -> bool:
+        """qk / av / softmax quantization needs the probabilities materialised; kv_cache and rope do not."""
+        return any(s is not None for s in (self.qk_matmul, self.av_matmul, self.softmax))
+
+
+ModuleQuantConfig = Union[LinearQuantConfig, AttentionQuantConfig]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GPTQWeightConfig(_Strict):
+    """``[gptq.weight_config]``: must agree with the selectors that set ``gptq = true``."""
+
+    weight_width: int | None = None
+    weight_block_size: int | None = None
+    weight_exponent_width: int | None = None
+    weight_frac_width: int | None = None
+
+
+class GPTQConfig(_Strict):
+    """``[gptq]`` table."""
+
+    model_name: str | None = None  # informational / tokenizer fallback when no tokenizer is passed
+    format: str | None = None  # family of the weights GPTQ quantizes; must agree with the selectors
+    dataset: str | list[str] = "wikitext2"  # "wikitext2", "tinystories", a text file path, or a list of strings
+    nsamples: int = Field(128, ge=1)
+    seqlen: int = Field(2048, ge=8)
+    cali_batch_size: int = Field(8, ge=1)
+    percdamp: float = Field(0.01, ge=0.0, le=1.0)
+    act_order: bool = False
+    quantile_search: bool = False
+    clip_search_y: bool = False
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    weight_config: GPTQWeightConfig | None = None
+
+
+RotationType = Literal["q", "k", "v", "o", "gate", "up", "down", "kv_cache", "qk_matmul", "av_matmul"]
+ROTATION_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down", "kv_cache", "qk_matmul", "av_matmul")
+
+
+class RotationSearchConfig(_Strict):
+    """``[rotation_search]`` table."""
+
+    calib_nsamples: int = Field(32, ge=1)
+    calib_seqlen: int = Field(512, ge=8)
+    dataset: str | list[str] = "wikitext2"
+    seed: int = 0
+    improvement_eps: float = Field(0.0, ge=0.0)
+    cache_path: str | None = None
+    kind: Literal["full", "block"] = "full"
+    block_size: int | None = Field(None, ge=2)  # kind="block": Hadamard block (default: the MX block size)
+    mode: Literal["matched", "activation_only"] = "matched"
+    candidates: list[RotationType] | None = None  # default: every type the recipe quantizes
