@@ -1,0 +1,158 @@
+"""Calibration and evaluation text: local files first, Hugging Face ``datasets`` only when online.
+
+Sources:
+- ``"wikitext2"``: WikiText-2; split ``test`` -> ``wikitext-2/wiki.test.raw`` (use for perplexity),
+  ``validation`` -> ``wikitext-2/wiki.valid.tokens`` (use for calibration: the train split is not shipped).
+- ``"tinystories"``: ``tinystories/validation.txt`` (both splits read the same file).
+- a path to a text file (or a directory of ``*.txt`` files, read in sorted order).
+- a list of strings, joined by blank lines.
+Local files are looked up under ``data_dir``, else ``$PTQ_DATA_DIR``.
+
+Windows: evaluation uses the whole text as one string, tokenized once and cut into non-overlapping windows (the
+last partial one dropped); calibration draws ``nsamples`` windows at offsets from a seeded generator, so the same
+request gives the same tokens in every run and every pass.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ptq.errors import PtqError
+from ptq.io import digest_bytes, digest_json
+
+_LOCAL_FILES = {
+    ("wikitext2", "test"): "wikitext-2/wiki.test.raw",
+    ("wikitext2", "validation"): "wikitext-2/wiki.valid.tokens",
+    ("tinystories", "test"): "tinystories/validation.txt",
+    ("tinystories", "validation"): "tinystories/validation.txt",
+}
+_HUB = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "\n"),
+    "tinystories": ("roneneldan/TinyStories", None, "text", "\n\n"),
+}
+NAMED_SOURCES = tuple(sorted(_HUB))
+SPLITS = ("test", "validation")
+
+
+def _resolve_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    d = data_dir if data_dir is not None else os.environ.get("PTQ_DATA_DIR")
+    return Path(d) if d else None
+
+
+def local_path(source: str, split: str = "validation", data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local file that holds a named source's split, or None when it is not on disk."""
+    if split not in SPLITS:
+        raise PtqError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    rel = _LOCAL_FILES.get((source, split))
+    root = _resolve_dir(data_dir)
+    if rel is None or root is None:
+        return None
+    p = root / rel
+    return p if p.is_file() else None
+
+
+def load_text(
+    source: str | Sequence[str], split: str = "validation", data_dir: str | os.PathLike | None = None
+) -> str:
+    """The whole text of a source as one string (see the module docstring for what ``source`` may be)."""
+    if not isinstance(source, str):
+        texts = list(source)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise PtqError("a text source given as a list must be a non-empty list of strings")
+        return "\n\n".join(texts)
+    if source in _HUB:
+        p = local_path(source, split, data_dir)
+        if p is not None:
+            return p.read_text(encoding="utf-8")
+        return _load_from_hub(source, split, data_dir)
+    p = Path(source).expanduser()
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    if p.is_dir():
+        files = sorted(p.glob("*.txt"))
+        if not files:
+            raise PtqError(f"text directory {p} holds no *.txt files")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    raise PtqError(
+        f"unknown text source {source!r}: use one of {', '.join(NAMED_SOURCES)}, a path to a text file or "
+        "directory, or a list of strings")
+
+
+def _load_from_hub(source: str, split: str, data_dir) -> str:
+    where = _resolve_dir(data_dir)
+    hint = (f"no local copy of {source!r} ({split}) under {where}" if where else
+            f"no local copy of {source!r}: set PTQ_DATA_DIR (e.g. ../shared/data) or pass data_dir")
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise PtqError(f"{hint}, and the Hugging Face hub is switched off (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)")
+    try:
+        import datasets
+    except ImportError as e:
+        raise PtqError(f"{hint}, and the `datasets` package is not installed (pip install datasets)") from e
+    name, config, field, joiner = _HUB[source]
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # network errors come in many types
+        raise PtqError(f"{hint}, and loading {name!r} from the hub failed: {e}") from e
+    return joiner.join(ds[field])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of the whole text at once, without special tokens (1-D LongTensor)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int, bos_id: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens, the last partial window dropped.
+
+    With ``bos_id`` each window is BOS followed by ``seqlen - 1`` text tokens."""
+    if seqlen < 2:
+        raise PtqError(f"seqlen must be >= 2, got {seqlen}")
+    step = seqlen - 1 if bos_id is not None else seqlen
+    n = tokens.numel() // step
+    if n == 0:
+        raise PtqError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    w = tokens[: n * step].view(n, step)
+    if bos_id is not None:
+        w = torch.cat([torch.full((n, 1), bos_id, dtype=w.dtype), w], dim=1)
+    return w
+
+
+def calibration_windows(
+    tokenizer,
+    source: str | Sequence[str],
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    bos_id: int | None = None,
+    split: str = "validation",
+) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (LongTensor [nsamples, seqlen])."""
+    if nsamples < 1 or seqlen < 2:
+        raise PtqError(f"calibration needs nsamples >= 1 and seqlen >= 2, got {nsamples} x {seqlen}")
+    tokens = tokenize(tokenizer, load_text(source, split, data_dir))
+    body = seqlen - 1 if bos_id is not None else seqlen
+    if tokens.numel() <= body:
+        raise PtqError(f"calibration text has {tokens.numel()} tokens; one window needs {body + 1}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - body, (nsamples,), generator=g)
+    w = torch.stack([tokens[s : s + body] for s in starts.tolist()])
+    if bos_id is not None:
+        w = torch.cat([torch.full((nsamples, 1), bos_id, dtype=w.dtype), w], dim=1)
+    return w
+
+
+def source_digest(source: str | Sequence[str], split: str = "validation", data_dir=None) -> str:
+    """Digest of the text a source resolves to (what fingerprints of calibration data use)."""
+    return digest_bytes(load_text(source, split, data_dir).encode("utf-8"))
+
+
+def calibration_key(source, nsamples: int, seqlen: int, seed: int, bos_id: int | None, split: str = "validation"):
+    """A hashable key for memoising calibration windows in ``PassContext.calibration``."""
+    src = source if isinstance(source, str) else digest_json(list(source))
+    return (src, split, nsamples, seqlen, seed, bos_id)
