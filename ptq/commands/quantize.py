@@ -1,0 +1,90 @@
+"""``ptq quantize``: run a recipe's passes on a model and optionally save the result."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ptq.commands import add_parser
+
+EPILOG = """\
+examples:
+  ptq quantize --model ../shared/models/stories260k --recipe recipes/w4a4kv4.toml
+  ptq quantize --model smollm2-135m --recipe recipes/w4a4kv4_gptq.toml --out out/gptq --device cuda --dtype bf16
+
+--out DIR writes (each file atomically):
+  DIR/model.safetensors   the model's state dict after the passes (fake-quantized modules keep their parameters)
+  DIR/recipe.toml         the merged recipe that was applied (extends resolved)
+  DIR/info.json           what each pass did, with timings
+"""
+
+
+def register(subparsers) -> None:
+    p = add_parser(subparsers, "quantize", help="quantize a model with a recipe (swap, rotation search, GPTQ)",
+                   description="Load a model, run the passes RECIPE asks for (swap -> rotation_search -> gptq) and "
+                   "print what each did. GPTQ checkpoints and rotation caches named in the recipe are reused when "
+                   "their fingerprint matches (see --no-resume).", epilog=EPILOG)
+    p.add_argument("--model", required=True, metavar="PATH_OR_ID", help="a local HF model directory, a hub id "
+                   "(when online), or 'smollm2-135m' for the built-in default")
+    p.add_argument("--recipe", required=True, metavar="RECIPE", help="path to a TOML recipe")
+    p.add_argument("--out", metavar="DIR", help="write model.safetensors, recipe.toml and info.json here")
+    p.add_argument("--device", default=None, help="where passes do their work, e.g. cuda, cuda:1, cpu "
+                   "(default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16 (default: auto)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="do not reuse existing checkpoints or "
+                   "caches: refuse to touch them")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def jsonable(obj):
+    """``info`` made JSON-safe: tensors become lists, paths and other objects their str()."""
+    import torch
+
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() <= 64 else f"Tensor{tuple(obj.shape)}"
+    return str(obj)
+
+
+def untied_state_dict(model) -> dict:
+    """The state dict with tensors that share storage (tied embeddings) cloned, as safetensors requires."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[name] = t.clone().contiguous() if key in seen else t.contiguous()
+        seen.add(key)
+    return out
+
+
+def run(args) -> int:
+    from ptq import __version__
+    from ptq.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+    from ptq.models import load_model
+    from ptq.passes.pipeline import quantize_module_transform_pass
+    from ptq.recipe import load_recipe, save_recipe
+
+    recipe = load_recipe(args.recipe)  # validate before the (slow) model load
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, info = quantize_module_transform_pass(model, recipe, tokenizer=tokenizer, device=args.device,
+                                                 progress=args.progress, resume=args.resume)
+    for name, pinfo in info.items():
+        summary = ", ".join(f"{k}={v}" for k, v in pinfo.items() if isinstance(v, (int, float, str, bool)))
+        print(f"{name}: {summary}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"ptq_version": __version__, "model": str(args.model), "recipe": str(Path(args.recipe).name)}
+        atomic_save_safetensors(untied_state_dict(model), out / "model.safetensors", metadata=meta)
+        atomic_write_text(out / "recipe.toml", save_recipe(recipe))
+        atomic_write_json(out / "info.json", jsonable({"model": str(args.model), "ptq_version": __version__,
+                                                       "passes": info}))
+        print(f"wrote {out / 'model.safetensors'}, recipe.toml, info.json", file=sys.stderr)
+    return 0
