@@ -1,0 +1,127 @@
+"""Triton kernels for MX quantization.
+
+Public entry points (the torch reference in ``ptq.quantizers`` is the specification they match bit for bit):
+
+- ``supports(spec, x) -> bool``: whether ``triton_fake_quantize`` can run ``spec`` on ``x`` here (Triton importable,
+  a CUDA tensor or ``TRITON_INTERPRET=1`` for CPU tensors, a float dtype, a spec the template covers).
+- ``triton_fake_quantize(x, spec, noise=None) -> Tensor``: fused quantize-dequantize, same shape and dtype as ``x``.
+- ``triton_quantize_packed(x, spec) -> PackedQuant``: packed codes + scales (see ``ptq.kernels.mx_pack``).
+
+``import ptq.kernels`` never needs Triton: the kernel modules are imported on first use, and ``supports`` answers
+False where Triton is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from ptq.errors import PtqError, QuantSpecError
+from ptq.formats import QuantSpec
+
+if TYPE_CHECKING:
+    from ptq.kernels.mx_pack import PackedQuant
+
+__all__ = ["supports", "triton_available", "triton_fake_quantize", "triton_quantize_packed", "packed_supports"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# One program holds at least one whole block in registers; past this the torch reference is the better tool.
+MAX_BLOCK_SIZE = 8192
+
+
+def triton_available() -> bool:
+    """Triton can be imported on this machine."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _device_ok(x: torch.Tensor) -> bool:
+    if x.is_cuda:
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supports(spec: QuantSpec, x: torch.Tensor) -> bool:
+    """True when ``triton_fake_quantize(x, spec)`` runs here and matches the reference bit for bit."""
+    if not isinstance(spec, QuantSpec) or not isinstance(x, torch.Tensor):
+        return False
+    if x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or not _device_ok(x) or not triton_available():
+        return False
+    if spec.family in ("mx6", "mx9") and spec.block_size % 2:
+        return False
+    return spec.block_size <= MAX_BLOCK_SIZE and -x.dim() <= spec.axis < x.dim()
+
+
+def _check_runnable(x: torch.Tensor, spec: QuantSpec) -> None:
+    if not _device_ok(x):
+        raise PtqError(f"the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU); got a tensor on "
+                       f"{x.device}. Use backend='torch' for the reference.")
+    if spec.block_size > MAX_BLOCK_SIZE:
+        raise QuantSpecError(f"{spec}: the Triton kernels take blocks of at most {MAX_BLOCK_SIZE} elements; use "
+                             "backend='torch' for larger groups")
+
+
+def _on_device(x: torch.Tensor):
+    """Launch on ``x``'s GPU even when another one is current."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _to_blocked_2d(x: torch.Tensor, axis: int) -> torch.Tensor:
+    moved = x.movedim(axis, -1)
+    return moved.reshape(-1, moved.shape[-1]).contiguous()
+
+
+def _noise_2d(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> torch.Tensor | None:
+    """The reference's stochastic-rounding noise (drawn or checked by it) as [rows, padded length] fp32."""
+    from ptq.quantizers.reference import resolve_noise
+
+    noise = resolve_noise(x, spec, noise)
+    if noise is None:
+        return None
+    return noise.reshape(-1, noise.shape[-2] * noise.shape[-1]).contiguous()
+
+
+def triton_fake_quantize(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with ``spec`` in one Triton kernel; returns a tensor of ``x``'s shape and dtype.
+
+    Bit-identical to ``ptq.quantizers.reference_fake_quantize``. ``noise`` (stochastic rounding only): U[0,1)
+    float32 of ``ptq.quantizers.noise_shape(x, spec)`` = ``(*x.movedim(axis, -1).shape[:-1], n_blocks,
+    block_size)``; drawn from ``torch.Generator(device).manual_seed(spec.seed)`` when omitted, exactly as the
+    reference does. The result is a view with ``x``'s layout when ``spec.axis`` is not the last dim. Not
+    differentiable (no autograd graph): wrap it in a straight-through estimator where gradients are needed.
+    """
+    from ptq.kernels.mx_quant import check_input, fake_quantize_2d, nvfp4_global_scale_fast
+
+    axis = check_input(x, spec)
+    _check_runnable(x, spec)
+    moved_shape = x.movedim(axis, -1).shape
+    x2 = _to_blocked_2d(x, axis)
+    n2 = _noise_2d(x, spec, noise)
+    with _on_device(x):
+        g = nvfp4_global_scale_fast(x2) if spec.family == "nvfp4" else None
+        y2 = fake_quantize_2d(x2, spec, n2, g)
+    return y2.reshape(moved_shape).movedim(-1, axis)
+
+
+def packed_supports(spec: QuantSpec, x: torch.Tensor) -> bool:
+    """True when ``triton_quantize_packed(x, spec)`` handles ``spec`` (MXFP4, NVFP4, MXINT4, MXINT8, MXFP8)."""
+    from ptq.kernels.mx_pack import packable
+
+    return supports(spec, x) and packable(spec)
+
+
+def triton_quantize_packed(x: torch.Tensor, spec: QuantSpec) -> "PackedQuant":
+    """Quantize ``x`` to packed codes + scales in one kernel; see ``ptq.kernels.mx_pack.quantize_packed``."""
+    from ptq.kernels.mx_pack import quantize_packed
+    from ptq.kernels.mx_quant import check_input
+
+    check_input(x, spec)
+    _check_runnable(x, spec)
+    with _on_device(x):
+        return quantize_packed(x, spec)

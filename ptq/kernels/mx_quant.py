@@ -1,0 +1,355 @@
+"""Fused fake quantize-dequantize: one Triton kernel template for every format family.
+
+The template is specialised by ``tl.constexpr`` format parameters (family id, widths, emax/emin, max normal, block
+size, rounding mode, dtype handling); ``format_constants(spec)`` derives them from the ``QuantSpec`` so no format
+constant is written twice. Each program owns a 2-D tile of ``BPP`` blocks x ``BLOCK_P2`` columns (the block size
+rounded up to a power of two), reads it once, computes in fp32 registers and writes it once in the input dtype.
+
+Numerics follow the contract in ``ptq.formats`` / DESIGN.md exactly (see ``ptq.kernels._triton_utils`` for how the
+rounding steps stay exact under the interpreter and on the GPU). Non-finite inputs are excluded from their block's
+statistics and written back unchanged (bit for bit), so one bad value never erases its neighbours.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ptq.errors import QuantSpecError
+from ptq.formats import QuantSpec
+from ptq.kernels._triton_utils import (
+    ROUNDING_IDS,
+    bf16_bits_to_f32,
+    copysign_bits,
+    exp2i,
+    f32_to_bf16_bits,
+    floor_log2,
+    minifloat_round,
+    round_magnitude,
+)
+
+# Family ids of the template (constexpr FAMILY).
+FAM_MXINT, FAM_MXFP, FAM_MX69, FAM_NVFP4, FAM_INT_SYM, FAM_INT_ASYM = 0, 1, 2, 3, 4, 5
+# Output handling (constexpr OUT_KIND): plain store in the tensor's dtype, or bf16 rounded by bit manipulation.
+OUT_NATIVE, OUT_BF16_BITS = 0, 1  # bf16 is read and written as int16 bit patterns
+
+# Compile options that keep every fp32 step IEEE round-to-nearest like the reference's: no mul+add -> fma
+# contraction, and no flush-to-zero inside libdevice (tl.floor would become cvt.rmi.ftz).
+EXACT_FP_OPTIONS: dict[str, bool] = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+
+# NVFP4 block scales are E4M3 numbers rounded to nearest even; their grid comes from a spec like any other.
+NV_SCALE_FORMAT = QuantSpec.mxfp("e4m3")
+
+
+@dataclass(frozen=True)
+class FormatConstants:
+    """The constexpr parameters of the kernel template for one ``QuantSpec``."""
+
+    family: int
+    width: int
+    man_bits: int
+    emax: int
+    emin: int
+    max_normal: float
+    levels: int
+    frac_bits: int
+    block: int
+    rounding: int
+    scale_ceil: bool
+    # nvfp4 block-scale grid (E4M3): mantissa bits, emin, emax, max normal; zeros for other families
+    s_man: int = 0
+    s_emin: int = 0
+    s_emax: int = 0
+    s_max: float = 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def format_constants(spec: QuantSpec) -> FormatConstants:
+    """Derive the template's constexpr parameters from ``spec`` (the single source of the numbers)."""
+    f = spec.family
+    fam = {"mxint": FAM_MXINT, "mxfp": FAM_MXFP, "mx6": FAM_MX69, "mx9": FAM_MX69, "nvfp4": FAM_NVFP4}.get(f)
+    if f == "int":
+        fam = FAM_INT_SYM if spec.symmetric else FAM_INT_ASYM
+    emax = spec.emax if spec.family in ("mxint", "mxfp", "nvfp4") else 0
+    emin = spec.emin if spec.is_minifloat else 0
+    max_normal = spec.max_normal if f in ("mxint", "mxfp", "nvfp4", "int") else 0.0
+    levels = spec.int_levels if f in ("mxint", "int") else (1 << (spec.width - 1)) - 1
+    frac_bits = spec.mxint_frac_bits if f == "mxint" else 0
+    scale_grid = {}
+    if f == "nvfp4":
+        sf = NV_SCALE_FORMAT
+        scale_grid = dict(s_man=sf.man_bits, s_emin=sf.emin, s_emax=sf.emax, s_max=float(sf.max_normal))
+    return FormatConstants(fam, spec.width, spec.man_bits, emax, emin, float(max_normal), levels, frac_bits,
+                           spec.block_size, ROUNDING_IDS[spec.rounding], spec.scale_rule == "ceil", **scale_grid)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# In-kernel building blocks (also usable by other kernels that quantize a tile, e.g. a fused Hadamard + quantize)
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def mx_block_exponent(amax, EMAX: tl.constexpr, MAX_NORMAL: tl.constexpr, SCALE_CEIL: tl.constexpr):
+    """E8M0 shared exponent of blocks with finite ``amax > 0``: floor(log2 amax) - EMAX (or the ceil rule),
+    clamped to [-127, 127]."""
+    e = floor_log2(amax) - EMAX
+    if SCALE_CEIL:
+        e = tl.where(amax * exp2i(-tl.minimum(tl.maximum(e, -127), 127)) > MAX_NORMAL, e + 1, e)
+    return tl.minimum(tl.maximum(e, -127), 127)
+
+
+@triton.jit
+def nvfp4_block_scale(amax, g, MAX_ELEM: tl.constexpr, S_MAN: tl.constexpr, S_EMIN: tl.constexpr,
+                      S_EMAX: tl.constexpr, S_MAX: tl.constexpr):
+    """Decoded block scale s = E4M3_rne(amax / (MAX_ELEM * g)): MAX_ELEM = 6 (the E2M1 maximum), S_* the E4M3
+    grid (``FormatConstants.s_*``), rounded to nearest even."""
+    return minifloat_round(tl.math.div_rn(amax, MAX_ELEM * g), 0.0, S_MAN, S_EMIN, S_EMAX, S_MAX, 0)
+
+
+@triton.jit
+def tile_stats(x, in_block, PAD_COLS: tl.constexpr):
+    """(|x| with non-finite and out-of-block elements zeroed, per-block amax [BPP, 1]) of a tile [BPP, BLOCK_P2].
+
+    ``in_block`` (which columns belong to the block) is applied only when ``PAD_COLS`` (block size not a power of
+    two). Non-finite values never enter a block's statistics."""
+    ax = tl.abs(x)
+    if PAD_COLS:
+        ax = tl.where((ax < float("inf")) & in_block, ax, 0.0)
+    else:
+        ax = tl.where(ax < float("inf"), ax, 0.0)
+    return ax, tl.max(ax, axis=1)[:, None]
+
+
+@triton.jit
+def fake_quant_tile(x, ax, amax, u, g,
+                    FAMILY: tl.constexpr, WIDTH: tl.constexpr, MAN_BITS: tl.constexpr, EMAX: tl.constexpr,
+                    EMIN: tl.constexpr, MAX_NORMAL: tl.constexpr, LEVELS: tl.constexpr, FRAC_BITS: tl.constexpr,
+                    ROUNDING: tl.constexpr, SCALE_CEIL: tl.constexpr, BPP: tl.constexpr, BLOCK_P2: tl.constexpr,
+                    S_MAN: tl.constexpr = 0, S_EMIN: tl.constexpr = 0, S_EMAX: tl.constexpr = 0,
+                    S_MAX: tl.constexpr = 0.0):
+    """Quantize-dequantize a tile ``x`` (fp32 [BPP, BLOCK_P2], one block per row, zero padded) in fp32.
+
+    ``ax``, ``amax``: from ``tile_stats``. ``u``: U[0,1) noise (stochastic rounding only). ``g``: NVFP4 global
+    scale. The constexprs are ``format_constants(spec)``'s fields; ``S_*`` (the E4M3 block-scale grid) matter for
+    nvfp4 only and must then be passed. Values at non-finite positions are meaningless: callers restore the input there.
+    """
+    finite = tl.abs(x) < float("inf")
+    if FAMILY == 0 or FAMILY == 1:  # mxint / mxfp: E8M0 scale 2^e (all-zero block: 2^-127)
+        e = mx_block_exponent(amax, EMAX, MAX_NORMAL, SCALE_CEIL)
+        a = ax * exp2i(-e)  # |x| / 2^e, rounded like the reference's division
+        if FAMILY == 0:
+            m = tl.minimum(round_magnitude(a * (1 << FRAC_BITS), u, ROUNDING), LEVELS)
+            # m * 2^(e - FRAC_BITS) is exact (<= 7 significant bits, >= 2^-133); zero elements are +0 (no -0 code)
+            y = tl.where(m > 0.0, copysign_bits(m * exp2i(e - FRAC_BITS), x), 0.0)
+        else:
+            q = minifloat_round(a, u, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING)
+            y = copysign_bits(q * exp2i(e), x)
+    elif FAMILY == 2:  # mx6 / mx9: block exponent E, one prime bit per pair of elements
+        max_exp = tl.maximum(floor_log2(amax), -127)
+        below = ax < exp2i(max_exp)  # floor(log2|x|) <= E - 1; zeros and non-finite values count as below
+        pair = tl.reshape(below.to(tl.int32), (BPP, BLOCK_P2 // 2, 2))
+        prime = tl.min(pair, axis=2)
+        prime = tl.reshape(tl.broadcast_to(prime[:, :, None], (BPP, BLOCK_P2 // 2, 2)), (BPP, BLOCK_P2)) == 1
+        # |x| / 2^(E - prime - (WIDTH - 2)) as exact power-of-two products (2^-E alone may be 2^127)
+        units = (ax * exp2i(-max_exp)) * tl.where(prime, 2.0 * (1 << (WIDTH - 2)), 1.0 * (1 << (WIDTH - 2)))
+        m = tl.minimum(round_magnitude(units, u, ROUNDING), LEVELS)
+        y = copysign_bits((m * exp2i(max_exp - (WIDTH - 2))) * tl.where(prime, 0.5, 1.0), x)  # exact products
+    elif FAMILY == 3:  # nvfp4: E4M3 block scale s of amax / (max_elem g), E2M1 elements of x / (s g), (q s) g
+        s = nvfp4_block_scale(amax, g, MAX_NORMAL, S_MAN, S_EMIN, S_EMAX, S_MAX)
+        a = tl.math.div_rn(ax, s * g)
+        q = minifloat_round(a, u, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING)
+        y = copysign_bits(tl.where(s > 0.0, (q * s) * g, 0.0), x)
+    elif FAMILY == 4:  # int symmetric: scale = amax / LEVELS
+        scale = tl.math.div_rn(amax, LEVELS * 1.0)
+        safe = tl.where(scale > 0.0, scale, 1.0)
+        m = tl.minimum(round_magnitude(tl.math.div_rn(ax, safe), u, ROUNDING), LEVELS)
+        y = tl.where((m > 0.0) & (scale > 0.0), copysign_bits(m * scale, x), 0.0)
+    else:  # int asymmetric: range [min(lo, 0), max(hi, 0)], scale = range / LEVELS, zero = round(-lo / scale)
+        xf = tl.where(finite, x, 0.0)
+        lo = tl.minimum(tl.min(xf, axis=1), 0.0)[:, None]
+        hi = tl.maximum(tl.max(xf, axis=1), 0.0)[:, None]
+        scale = tl.math.div_rn(hi - lo, LEVELS * 1.0)
+        safe = tl.where(scale > 0.0, scale, 1.0)
+        zero = tl.where(scale > 0.0, round_magnitude(tl.math.div_rn(-lo, safe), 0.0, 0), 0.0)
+        t = tl.math.div_rn(x, safe)
+        n = copysign_bits(round_magnitude(tl.abs(t), u, ROUNDING), t)
+        qc = tl.where(scale > 0.0, tl.minimum(tl.maximum(n + zero, 0.0), LEVELS * 1.0), zero)
+        y = (qc - zero) * scale
+    return tl.where(finite, y, x)
+
+
+@triton.jit
+def _fake_quant_kernel(x_ptr, y_ptr, noise_ptr, g_ptr, total_blocks, L, NB,
+                       FAMILY: tl.constexpr, WIDTH: tl.constexpr, MAN_BITS: tl.constexpr, EMAX: tl.constexpr,
+                       EMIN: tl.constexpr, MAX_NORMAL: tl.constexpr, LEVELS: tl.constexpr,
+                       FRAC_BITS: tl.constexpr, ROUNDING: tl.constexpr, SCALE_CEIL: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, BPP: tl.constexpr, EVEN: tl.constexpr,
+                       FULL: tl.constexpr, OUT_KIND: tl.constexpr, BF16_EXACT: tl.constexpr,
+                       USE_I64: tl.constexpr, S_MAN: tl.constexpr, S_EMIN: tl.constexpr,
+                       S_EMAX: tl.constexpr, S_MAX: tl.constexpr):
+    pid = tl.program_id(0)
+    blk = pid * BPP + tl.arange(0, BPP)
+    if USE_I64:
+        blk = blk.to(tl.int64)
+    col = tl.arange(0, BLOCK_P2)
+    in_block = (col < BLOCK)[None, :]
+    if EVEN:  # rows are whole blocks: the tile is contiguous memory
+        offs = blk[:, None] * BLOCK + col[None, :]
+        noffs = offs
+        if FULL:
+            mask = in_block
+        else:
+            mask = (blk < total_blocks)[:, None] & in_block
+    else:
+        row = blk // NB
+        pos = (blk - row * NB)[:, None] * BLOCK + col[None, :]
+        offs = row[:, None] * L + pos
+        noffs = row[:, None] * (NB * BLOCK) + pos
+        mask = (blk < total_blocks)[:, None] & in_block & (pos < L)
+    if OUT_KIND == 1:  # bf16 travels as int16 bit patterns both ways
+        x_raw = tl.load(x_ptr + offs, mask=mask, other=0)
+        x = bf16_bits_to_f32(x_raw)
+    else:
+        x_raw = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = x_raw.to(tl.float32)
+    if ROUNDING == 3:
+        u = tl.load(noise_ptr + noffs, mask=mask, other=0.0)
+    else:
+        u = 0.0
+    if FAMILY == 3:
+        g = tl.load(g_ptr)
+    else:
+        g = 1.0
+    ax, amax = tile_stats(x, in_block, BLOCK != BLOCK_P2)
+    y = fake_quant_tile(x, ax, amax, u, g, FAMILY, WIDTH, MAN_BITS, EMAX, EMIN, MAX_NORMAL, LEVELS, FRAC_BITS,
+                        ROUNDING, SCALE_CEIL, BPP, BLOCK_P2, S_MAN, S_EMIN, S_EMAX, S_MAX)
+    finite = tl.abs(x) < float("inf")
+    if OUT_KIND == 1:  # bf16: store the bit pattern rounded to nearest even (exact in the interpreter too)
+        out = tl.where(finite, f32_to_bf16_bits(y, BF16_EXACT), x_raw)
+    else:
+        out = tl.where(finite, y.to(x_raw.dtype), x_raw)
+    tl.store(y_ptr + offs, out, mask=mask)
+
+
+@triton.jit
+def _finite_amax_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr, IN_BF16: tl.constexpr, USE_I64: tl.constexpr):
+    """out[pid] = max |x| over the finite elements of this program's chunk (0 when none)."""
+    pid = tl.program_id(0)
+    if USE_I64:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if IN_BF16:
+        x = bf16_bits_to_f32(tl.load(x_ptr + offs, mask=offs < N, other=0))
+    else:
+        x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+    a = tl.abs(x)
+    tl.store(out_ptr + pid, tl.max(tl.where(a < float("inf"), a, 0.0), axis=0))
+
+
+def nvfp4_global_scale_fast(x: torch.Tensor) -> torch.Tensor:
+    """``ptq.quantizers.nvfp4_global_scale(x)`` in one read of ``x``: a kernel takes the finite amax of each chunk,
+    then the reference function runs on those few partial maxima (max of maxima = the amax, so the result is
+    identical; the torch version makes several full passes, the fp32 upcast included). 1-element fp32 tensor."""
+    from ptq.quantizers.nvfp4 import nvfp4_global_scale
+
+    flat = x.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    if n == 0:
+        return nvfp4_global_scale(flat.float()).reshape(1)
+    chunk = 8192
+    grid = triton.cdiv(n, chunk)
+    partial = torch.empty(grid, dtype=torch.float32, device=x.device)
+    bits = flat.dtype == torch.bfloat16
+    _finite_amax_kernel[(grid,)](flat.view(torch.int16) if bits else flat, partial, n, BLOCK=chunk, IN_BF16=bits,
+                                 USE_I64=n + chunk >= 2**31 - 1, num_warps=8)
+    return nvfp4_global_scale(partial).to(torch.float32).reshape(1).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_input(x: torch.Tensor, spec: QuantSpec) -> int:
+    """Validate ``x`` against ``spec``; return the blocked axis as a non-negative index."""
+    if not isinstance(spec, QuantSpec):
+        raise QuantSpecError(f"spec must be a ptq.formats.QuantSpec (e.g. QuantSpec.mxint(4)), got "
+                             f"{type(spec).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise QuantSpecError(f"expected a torch.Tensor to quantize with {spec}, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise QuantSpecError(f"cannot quantize a {x.dtype} tensor of shape {tuple(x.shape)} with {spec}: "
+                             "convert it to float32, bfloat16 or float16 first")
+    if x.dim() == 0:
+        raise QuantSpecError(f"cannot quantize a 0-d tensor with {spec}: give it at least one dimension")
+    if not -x.dim() <= spec.axis < x.dim():
+        raise QuantSpecError(f"{spec}: axis {spec.axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    if spec.family in ("mx6", "mx9") and spec.block_size % 2:
+        raise QuantSpecError(f"{spec}: mx6/mx9 blocks hold pairs sharing a prime bit; block_size must be even")
+    return spec.axis % x.dim()
+
+
+# Elements per program and warps: 4096 elements in 8 warps is 16 per thread, i.e. two 16-byte loads of bf16 in
+# flight per thread, and few enough programs that launch overhead vanishes. ``bench/kernels.py`` sweeps others.
+DEFAULT_TILE: tuple[int, int] = (4096, 8)
+
+
+def tile_config(block: int, tile: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(BLOCK_P2, blocks per program, num_warps) for a block size, from ``tile`` = (elements per program, warps)."""
+    elems, warps = tile or DEFAULT_TILE
+    block_p2 = triton.next_power_of_2(block)
+    bpp = max(1, elems // block_p2)
+    return block_p2, bpp, warps if bpp * block_p2 >= 1024 else 4
+
+
+def bf16_exact(spec: QuantSpec) -> bool:
+    """For bf16 inputs, every dequantized value is a bf16 number, so the fp32 -> bf16 cast needs no rounding.
+
+    True for mxint, mx6 / mx9 and mxfp with <= 7 mantissa bits. Why: a grid value has <= 8 significant bits, so it
+    is a bf16 number unless its lowest bit is below 2^-133 (the bf16 subnormal step). Where the grid step is that
+    fine, it is also at most the input's own ulp (every bf16 number is a multiple of 2^-133), so the input already
+    lies on the grid and is returned unchanged (any rounding mode); saturated values (max_normal * 2^e, e >= -127)
+    have their lowest bit far above 2^-133. nvfp4 and int scales are arbitrary fp32: those outputs are rounded.
+    ``tests/test_kernels.py::test_bf16_outputs_are_bf16_numbers`` checks this on the reference.
+    """
+    return spec.family in ("mxint", "mx6", "mx9") or (spec.family == "mxfp" and spec.man_bits <= 7)
+
+
+def fake_quantize_2d(x2: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None,
+                     global_scale: torch.Tensor | None, tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """Run the template on a contiguous [rows, L] tensor blocked along its last dim.
+
+    ``noise``: [rows, padded L] fp32 (stochastic rounding), ``global_scale``: 1-element fp32 (NVFP4),
+    ``tile``: (elements per program, num_warps), default ``DEFAULT_TILE``."""
+    rows, L = x2.shape
+    c = format_constants(spec)
+    B = c.block
+    nb = -(-L // B)
+    total = rows * nb
+    block_p2, bpp, warps = tile_config(B, tile)
+    y2 = torch.empty_like(x2)
+    if total == 0:
+        return y2
+    even = (L % B == 0) and block_p2 == B
+    out_kind = OUT_BF16_BITS if x2.dtype == torch.bfloat16 else OUT_NATIVE
+    bits = out_kind == OUT_BF16_BITS
+    x_arg, y_arg = (x2.view(torch.int16), y2.view(torch.int16)) if bits else (x2, y2)
+    use_i64 = max(rows * L, total * block_p2, rows * nb * B) >= 2**31 - 1
+    grid = (triton.cdiv(total, bpp),)
+    dummy = x2  # never read: the loads are behind constexpr branches
+    _fake_quant_kernel[grid](
+        x_arg, y_arg, noise if noise is not None else dummy, global_scale if global_scale is not None else dummy,
+        total, L, nb,
+        FAMILY=c.family, WIDTH=c.width, MAN_BITS=c.man_bits, EMAX=c.emax, EMIN=c.emin, MAX_NORMAL=c.max_normal,
+        LEVELS=c.levels, FRAC_BITS=c.frac_bits, ROUNDING=c.rounding, SCALE_CEIL=c.scale_ceil,
+        BLOCK=B, BLOCK_P2=block_p2, BPP=bpp, EVEN=even, FULL=even and total % bpp == 0, OUT_KIND=out_kind,
+        BF16_EXACT=bf16_exact(spec), USE_I64=use_i64, S_MAN=c.s_man, S_EMIN=c.s_emin, S_EMAX=c.s_emax,
+        S_MAX=c.s_max, num_warps=warps, **EXACT_FP_OPTIONS,
+    )
+    return y2
