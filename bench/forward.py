@@ -1,0 +1,148 @@
+"""Forward time of an RTN fake-quantized model relative to the bf16 model (and, with --ppl, their perplexities).
+
+    PYTHONPATH=. python bench/forward.py [--quick] [--model DIR] [--recipe recipes/w4a4kv4.toml] [--ppl]
+
+Model: --model or $PTQ_SMOLLM2 (a plain Hugging Face directory), loaded in bf16 with sdpa attention, on CUDA.
+Variants, all timed in the same run on the same random token batch (batch 8 x 2048 by default):
+  bf16            the unquantized model (the baseline of every ratio)
+  rtn             the recipe applied by the swap pass (W4A4 linears + KV4 cache for w4a4kv4.toml)
+  rtn, kv bypass  the same with every attention module's config set to bypass
+Each time is the median of --iters forwards (CUDA events, after warm-up) under torch.inference_mode; target for
+``rtn``: <= 1.5x bf16. With --ppl, perplexity on wiki.test.raw (ptq.eval.evaluate_perplexity, seqlen --seqlen) is
+added per variant. Without CUDA the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=os.environ.get("PTQ_SMOLLM2"), help="model directory (default $PTQ_SMOLLM2)")
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "w4a4kv4.toml"))
+    p.add_argument("--batch", type=int, default=None, help="default 8 (--quick: 2)")
+    p.add_argument("--seqlen", type=int, default=None, help="default 2048 (--quick: 512)")
+    p.add_argument("--iters", type=int, default=None, help="default 10 (--quick: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="default 3 (--quick: 1)")
+    p.add_argument("--ppl", action="store_true", help="also measure wiki.test.raw perplexity of every variant")
+    p.add_argument("--ppl-windows", type=int, default=None, help="first N windows only (default: all)")
+    p.add_argument("--quick", action="store_true", help="batch 2 x 512, 3 iterations, ppl on 8 windows")
+    p.add_argument("--device", default="cuda", help="'cuda' (default) or 'cpu' (a smoke run of this script only)")
+    args = p.parse_args(argv)
+    defaults = dict(batch=2, seqlen=512, iters=3, warmup=1) if args.quick else \
+        dict(batch=8, seqlen=2048, iters=10, warmup=3)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick and args.ppl_windows is None:
+        args.ppl_windows = 8
+    return args
+
+
+def time_forward(model, ids, iters: int, warmup: int) -> float:
+    """Median milliseconds of one forward (logits included): CUDA events on the GPU, a host clock on the CPU."""
+    cuda = ids.is_cuda
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(ids, use_cache=False)
+        if cuda:
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(ids, use_cache=False)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                model(ids, use_cache=False)
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/forward.py: no CUDA device here; this benchmark only runs on a GPU (nothing measured).")
+        return 0
+    if not args.model:
+        print("bench/forward.py: give --model DIR or set PTQ_SMOLLM2 (see ../shared/gpu/README.md)", file=sys.stderr)
+        return 2
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptq.config import AttentionQuantConfig
+    from ptq.modules import AttentionMX, LinearMX
+    from ptq.passes.base import PassContext
+    from ptq.passes.swap import SwapPass, swap_modules
+    from ptq.quantizers import resolve_backend
+    from ptq.recipe import load_recipe
+
+    dev = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to(dev).eval()
+    tok = AutoTokenizer.from_pretrained(args.model) if args.ppl else None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seqlen), generator=g).to(dev)
+
+    def ppl():
+        from ptq.eval import evaluate_perplexity
+
+        r = evaluate_perplexity(model, tok, "wikitext2", split="test", seqlen=args.seqlen, batch_size=args.batch,
+                                max_windows=args.ppl_windows, progress=False)
+        return r["ppl"], r["n_windows"]
+
+    rows = []
+    with torch.inference_mode():
+        ref_logits = model(ids[:1], use_cache=False).logits.float()
+    rows.append(("bf16", time_forward(model, ids, args.iters, args.warmup), ppl() if args.ppl else None, 0.0))
+
+    recipe = load_recipe(args.recipe)
+    info = SwapPass().run(model, recipe, PassContext(progress=False))
+    some_linear = next(m for m in model.modules() if isinstance(m, LinearMX) and m.cfg.data_in is not None)
+    probe = torch.zeros(4, some_linear.in_features, device=dev, dtype=torch.bfloat16)
+    backend = resolve_backend(probe, some_linear.cfg.data_in)
+
+    def diff():
+        with torch.inference_mode():
+            return (model(ids[:1], use_cache=False).logits.float() - ref_logits).abs().max().item()
+
+    rows.append(("rtn", time_forward(model, ids, args.iters, args.warmup), ppl() if args.ppl else None, diff()))
+    attn = [n for n, m in model.named_modules() if isinstance(m, AttentionMX)]
+    swap_modules(model, {n: AttentionQuantConfig() for n in attn})
+    rows.append(("rtn, kv bypass", time_forward(model, ids, args.iters, args.warmup), ppl() if args.ppl else None,
+                 diff()))
+
+    print(f"model {args.model}  recipe {Path(args.recipe).name}  batch {args.batch} x {args.seqlen}  "
+          f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}  fake_quantize backend: {backend}")
+    print(f"swapped: {info['counts']}")
+    base = rows[0][1]
+    head = f"{'variant':<16}{'ms':>10}{'x bf16':>9}{'max|dlogit|':>13}"
+    if args.ppl:
+        head += f"{'ppl':>10}{'windows':>9}"
+    print(head)
+    for name, ms, p, d in rows:
+        line = f"{name:<16}{ms:>10.2f}{ms / base:>9.3f}{d:>13.4f}"
+        if p is not None:
+            line += f"{p[0]:>10.4f}{p[1]:>9d}"
+        print(line)
+    verdict = "meets" if rows[1][1] / base <= 1.5 else "MISSES"
+    print(f"rtn / bf16 = {rows[1][1] / base:.3f} ({verdict} the <= 1.5x target)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""`LinearMX`: a drop-in for `nn.Linear` with fake-quantized weight, input and bias.
+
+Forward (``Q_*`` = `fake_quantize` with the config's spec; a ``None`` spec is an exact pass-through):
+
+- no rotation:      ``y = Q_in(x) @ Q_w(W)^T + Q_b(b)``
+- matched rotation: ``y = Q_in(rot(x)) @ Q_w(rot(W))^T + Q_b(b)``; exact in full precision because ``rot`` is
+  orthogonal (``rot(x) @ rot(W)^T = x H^T H W^T``), and realisable by a real low-precision GEMM.
+- activation_only:  ``y = rot.inverse(Q_in(rot(x))) @ Q_w(W)^T + Q_b(b)`` (the rotation only shapes the input's
+  quantization error; the weight stays in its own basis).
+
+Weight and input are blocked along in_features (the reduction axis of the matmul), so every spec is applied along
+the last dim. The effective weight (rotated, quantized, in the weight's dtype) is computed once, without autograd,
+and cached; the cache is dropped when the weight's data changes (``_version`` / ``data_ptr`` / device / dtype), when
+the rotation or the config changes. A weight set by GPTQ (`set_quantized_weight`) is used as is, never re-quantized.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptq.config import LinearQuantConfig
+from ptq.errors import ModelError
+from ptq.formats import QuantSpec
+
+RotationMode = Literal["matched", "activation_only"]
+ROTATION_MODES: tuple[str, ...] = ("matched", "activation_only")
+
+
+def _fake_quantize(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """``fake_quantize`` or the identity for a bypassed (None) spec."""
+    if spec is None:
+        return x
+    from ptq.quantizers import fake_quantize  # imported late: the quantizers package imports Triton
+
+    return fake_quantize(x, spec)
+
+
+def _along_last_dim(spec: QuantSpec | None) -> QuantSpec | None:
+    return spec if spec is None or spec.axis == -1 else spec.with_(axis=-1)
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Changes whenever the tensor's data may have changed (in-place edits bump ``_version``; `.to` / `.data =`
+    change ``data_ptr``)."""
+    return (t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
+
+
+class LinearMX(nn.Module):
+    """`nn.Linear` with MX fake quantization; build it with `LinearMX.from_linear(linear, cfg)`.
+
+    Attributes:
+        weight, bias: the original module's Parameters (shared, not copied).
+        cfg: the `LinearQuantConfig` (specs normalised to ``axis=-1``).
+        rotation, rotation_mode: the online input rotation (see the module docstring); set with `set_rotation`.
+        in_features, out_features: as on `nn.Linear`.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None = None,
+        cfg: LinearQuantConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ModelError(
+                f"LinearMX needs a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
+        if not isinstance(weight, nn.Parameter):
+            weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = weight
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        self.rotation: nn.Module | None = None
+        self.rotation_mode: RotationMode = "matched"
+        self._gptq_weight: torch.Tensor | None = None
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+        self._rotation_epoch = 0  # bumped by set_rotation: part of the weight cache key
+        self.cfg = LinearQuantConfig()
+        self.set_config(cfg if cfg is not None else LinearQuantConfig())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: LinearQuantConfig | None = None) -> "LinearMX":
+        """Wrap ``linear``: the new module holds the same ``weight`` / ``bias`` Parameters (no copy)."""
+        if isinstance(linear, LinearMX):
+            raise ModelError("from_linear got a LinearMX; call .set_config(cfg) on it to reconfigure it instead")
+        if not isinstance(linear, nn.Linear):
+            raise ModelError(f"LinearMX.from_linear needs an nn.Linear, got {type(linear).__name__}")
+        mod = cls(linear.weight, linear.bias, cfg)
+        mod.train(linear.training)
+        return mod
+
+    # ---- configuration -------------------------------------------------------------------------------------------
+    def set_config(self, cfg: LinearQuantConfig) -> None:
+        """Replace the quantization config. Every spec is applied along the last dim (in_features / the input's
+        reduction axis). A GPTQ weight is kept only while the weight spec is unchanged and ``cfg.gptq`` is set."""
+        if not isinstance(cfg, LinearQuantConfig):
+            raise ModelError(f"LinearMX needs a LinearQuantConfig, got {type(cfg).__name__}")
+        cfg = LinearQuantConfig(
+            weight=_along_last_dim(cfg.weight),
+            data_in=_along_last_dim(cfg.data_in),
+            bias=_along_last_dim(cfg.bias),
+            gptq=cfg.gptq,
+        )
+        if self._gptq_weight is not None and (cfg.weight != self.cfg.weight or not cfg.gptq):
+            warnings.warn("LinearMX: the config changed, dropping the GPTQ-quantized weight", stacklevel=2)
+            self._gptq_weight = None
+        self.cfg = cfg
+        self._weight_cache = None
+        self._bias_cache = None
+
+    def set_rotation(self, rot: nn.Module | None, mode: RotationMode = "matched") -> None:
+        """Install (or with ``None`` remove) the online input rotation. ``rot(t)`` rotates the last dim,
+        ``rot.inverse(t)`` undoes it. Changing the rotation drops the cached weight and any GPTQ weight."""
+        if mode not in ROTATION_MODES:
+            raise ModelError(f"rotation mode must be one of {', '.join(ROTATION_MODES)}, got {mode!r}")
+        if rot is not None and not isinstance(rot, nn.Module):
+            raise ModelError(f"a rotation must be an nn.Module, got {type(rot).__name__}")
+        if rot is not None and mode == "activation_only" and not callable(getattr(rot, "inverse", None)):
+            raise ModelError(f"activation_only rotation needs rot.inverse(t); {type(rot).__name__} has none")
+        changed = rot is not self.rotation or (rot is not None and mode != self.rotation_mode)
+        if changed and self._gptq_weight is not None:
+            warnings.warn("LinearMX: the rotation changed, dropping the GPTQ-quantized weight", stacklevel=2)
+            self._gptq_weight = None
+        self.rotation = rot  # registered as a submodule (moves with .to, shows in repr)
+        self.rotation_mode = mode
+        if changed:
+            self._rotation_epoch += 1
+            self._weight_cache = None
+
+    # ---- the pieces GPTQ / export use ----------------------------------------------------------------------------
+    @property
+    def _rotates_weight(self) -> bool:
+        return self.rotation is not None and self.rotation_mode == "matched"
+
+    @torch.no_grad()
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The fp32 weight the weight quantizer sees: ``rot(W)`` in matched mode, else ``W`` (a fresh copy)."""
+        w = self.weight.detach().to(torch.float32)
+        if self._rotates_weight:
+            return self.rotation(w).to(torch.float32)
+        return w.clone()
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the matmul sees on the input side: ``Q_in(rot(x))`` (matched), ``rot.inverse(Q_in(rot(x)))``
+        (activation_only) or ``Q_in(x)``."""
+        rot = self.rotation
+        if rot is None:
+            return _fake_quantize(x, self.cfg.data_in)
+        xq = _fake_quantize(rot(x), self.cfg.data_in)
+        return rot.inverse(xq) if self.rotation_mode == "activation_only" else xq
+
+    @torch.no_grad()
+    def set_quantized_weight(self, wq: torch.Tensor) -> None:
+        """Store GPTQ's result (in the basis of `weight_to_quantize`) as the effective weight, used as is."""
+        if tuple(wq.shape) != tuple(self.weight.shape):
+            raise ModelError(
+                f"set_quantized_weight: shape {tuple(wq.shape)} != weight shape {tuple(self.weight.shape)}")
+        self._gptq_weight = wq.detach().to(device=self.weight.device, dtype=self.weight.dtype).clone()
+        self._weight_cache = None
+
+    def clear_quantized_weight(self) -> None:
+        """Forget a GPTQ weight: the weight is fake-quantized by RTN again."""
+        self._gptq_weight = None
+        self._weight_cache = None
+
+    @property
+    def has_gptq_weight(self) -> bool:
+        return self._gptq_weight is not None
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the matmul uses: the GPTQ weight if set, else ``Q_w(weight_to_quantize())`` in the weight's
+        dtype; the Parameter itself when nothing is quantized or rotated. Cached."""
+        if self._gptq_weight is not None:
+            return self._gptq_weight
+        if self.cfg.weight is None and not self._rotates_weight:
+            return self.weight
+        key = (_tensor_key(self.weight), self._rotation_epoch)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            # a normal tensor even when the first forward runs under inference_mode, so later forwards outside it
+            # (e.g. with autograd on the input) can still use the cache
+            with torch.inference_mode(False), torch.no_grad():
+                wq = _fake_quantize(self.weight_to_quantize(), self.cfg.weight).to(self.weight.dtype)
+            self._weight_cache = (key, wq)
+        return self._weight_cache[1]
+
+    def effective_bias(self) -> torch.Tensor | None:
+        b = self.bias
+        if b is None or self.cfg.bias is None:
+            return b
+        key = _tensor_key(b)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._bias_cache = (key, _fake_quantize(b.detach(), self.cfg.bias))
+        return self._bias_cache[1]
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.prepare_input(x), self.effective_weight(), self.effective_bias())
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() rebind parameter data: caches keyed on data_ptr / dtype refresh by themselves; the GPTQ
+        # weight is not a buffer (not saved in state_dict), so move it here.
+        out = super()._apply(fn, recurse)
+        if self._gptq_weight is not None:
+            self._gptq_weight = fn(self._gptq_weight)
+        self._weight_cache = None
+        self._bias_cache = None
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"bias={self.bias is not None}",
+            f"weight={c.weight or 'bypass'}",
+            f"data_in={c.data_in or 'bypass'}",
+        ]
+        if self.bias is not None:
+            parts.append(f"bias_q={c.bias or 'bypass'}")
+        if self.rotation is not None:
+            parts.append(f"rotation={type(self.rotation).__name__}({self.rotation_mode})")
+        if c.gptq or self._gptq_weight is not None:
+            parts.append("gptq=" + ("done" if self._gptq_weight is not None else "pending"))
+        return ", ".join(parts)

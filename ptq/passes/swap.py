@@ -1,0 +1,170 @@
+"""The swap pass: replace the modules a recipe selects with `LinearMX` / `AttentionMX`, in place.
+
+Modules are replaced with ``setattr`` on their parent; the new modules share the original parameters, so the model
+is not copied and keeps its device and dtype. An already swapped module is reconfigured, never wrapped twice, so
+running the pass again (e.g. with an edited recipe) is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ptq.config import AttentionQuantConfig, LinearQuantConfig
+from ptq.errors import ModelError
+from ptq.modules.linear import LinearMX
+from ptq.passes.base import PassContext, register_pass
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ptq.recipe import Recipe
+
+
+def _config_label(cfg) -> str:
+    """A short, stable description of a config for the report (``weight=MXINT4(...), data_in=...``)."""
+    if isinstance(cfg, LinearQuantConfig):
+        fields = ("weight", "data_in", "bias")
+    else:
+        fields = ("kv_cache", "qk_matmul", "av_matmul", "softmax", "rope")
+    parts = [f"{f}={getattr(cfg, f)}" for f in fields if getattr(cfg, f) is not None]
+    if isinstance(cfg, LinearQuantConfig) and cfg.gptq:
+        parts.append("gptq")
+    return ", ".join(parts) or "bypass"
+
+
+def _kind(module: nn.Module) -> str | None:
+    """"linear" / "attention" for modules this pass can swap (or has swapped), None otherwise."""
+    from ptq.modules.attention import SUPPORTED_ATTENTION, AttentionMX
+
+    if isinstance(module, (nn.Linear, LinearMX)):
+        return "linear"
+    if isinstance(module, AttentionMX) or type(module) in SUPPORTED_ATTENTION:
+        return "attention"
+    return None
+
+
+def _plan_one(model: nn.Module, name: str, cfg) -> tuple[nn.Module, LinearQuantConfig | AttentionQuantConfig, str]:
+    """Check one ``name -> cfg`` entry without touching the model; returns the module, the config to give it and
+    the action: ``"swap"``, ``"reconfigure"`` (swapped before) or ``"skip"`` (a bypass selector on a module of no
+    swappable kind: bypass means "leave as is", so a broad bypass regex may cover norms and MLP containers)."""
+    from ptq.modules.attention import SUPPORTED_ATTENTION, AttentionMX
+
+    if not isinstance(cfg, (LinearQuantConfig, AttentionQuantConfig)):
+        raise ModelError(
+            f"module {name!r}: expected a LinearQuantConfig or AttentionQuantConfig, got {type(cfg).__name__}")
+    if name == "":
+        raise ModelError("cannot swap the root module itself; select a submodule")
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ModelError(f"no module named {name!r} in the model (a selector resolved to a missing name)") from None
+    kind = _kind(module)
+    if cfg.bypassed:
+        if kind is None:
+            return module, cfg, "skip"
+        # a bypass carries no specs, so it fits either kind (the recipe cannot always tell which it selected)
+        cfg = LinearQuantConfig() if kind == "linear" else AttentionQuantConfig()
+    cls_name = type(module).__name__
+    if isinstance(cfg, LinearQuantConfig):
+        if kind != "linear":
+            raise ModelError(
+                f"module {name!r} is a {cls_name}, but a linear config (weight / data_in / bias) applies only to "
+                f"nn.Linear (or LinearMX) modules; fix the selector so it matches linear layers only")
+        return module, cfg, "reconfigure" if isinstance(module, LinearMX) else "swap"
+    if kind != "attention":
+        supported = ", ".join(c.__name__ for c in SUPPORTED_ATTENTION)
+        raise ModelError(
+            f"module {name!r} is a {cls_name}, but an attention config (kv_cache / qk_matmul / av_matmul / softmax / "
+            f"rope) applies only to attention modules of class {supported}; fix the selector")
+    impl = getattr(module.config, "_attn_implementation", None)
+    if cfg.needs_eager and impl not in (None, "eager", "sdpa"):
+        raise ModelError(
+            f"module {name!r}: qk_matmul / av_matmul / softmax quantization computes attention eagerly from the "
+            f"masks transformers builds for 'eager' or 'sdpa', but this model uses attn_implementation={impl!r}; "
+            f"load it with attn_implementation='sdpa' (or 'eager'), or quantize only kv_cache / rope")
+    return module, cfg, "reconfigure" if isinstance(module, AttentionMX) else "swap"
+
+
+def _apply_one(model: nn.Module, name: str, module: nn.Module, cfg, action: str) -> nn.Module:
+    """Carry out a planned entry; returns the module now in place."""
+    from ptq.modules.attention import AttentionMX
+
+    if action == "skip":
+        return module
+    if action == "reconfigure":
+        module.set_config(cfg)
+        return module
+    if isinstance(cfg, LinearQuantConfig):
+        new = LinearMX.from_linear(module, cfg)
+    else:
+        new = AttentionMX.from_attention(module, cfg)
+    _move_accelerate_hook(module, new)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return new
+
+
+def _move_accelerate_hook(old: nn.Module, new: nn.Module) -> None:
+    """Models loaded with a ``device_map`` carry accelerate hooks that move inputs to the module's device; the
+    replacement gets the same hook (attached to it, so it wraps the quantized forward)."""
+    hook = old.__dict__.get("_hf_hook")
+    if hook is None:
+        return
+    from accelerate.hooks import add_hook_to_module
+
+    for key in ("forward", "_old_forward", "_hf_hook"):
+        new.__dict__.pop(key, None)
+    add_hook_to_module(new, hook)
+
+
+def swap_modules(model: nn.Module, mapping: dict[str, LinearQuantConfig | AttentionQuantConfig]) -> dict:
+    """Swap every ``name -> config`` of ``mapping`` in ``model`` (in place) and report what happened.
+
+    Returns a JSON-friendly dict: ``swapped`` (names newly replaced), ``reconfigured`` (names swapped before, given
+    the new config), ``skipped`` (bypass selectors on modules of no swappable kind), ``counts``
+    (``"LlamaAttention -> LlamaAttentionMX"`` / ``"LinearMX (reconfigured)"`` -> n), ``configs`` (config label -> n),
+    ``eager_attention`` (attention modules that run the quantized eager path).
+    """
+    from ptq.modules.attention import AttentionMX
+
+    # Check every entry first, so a bad selector leaves the model untouched.
+    plan = [(name, *_plan_one(model, name, cfg)) for name, cfg in mapping.items()]
+    # Attention modules first: the new attention module takes over the old one's children, and the linear swaps
+    # that follow land in it (the other order works too; this one leaves the replaced module untouched).
+    plan.sort(key=lambda entry: not isinstance(entry[2], AttentionQuantConfig))
+    report: dict[str, list[str]] = {"swapped": [], "reconfigured": [], "skipped": []}
+    eager: list[str] = []
+    counts: Counter = Counter()
+    configs: Counter = Counter()
+    for name, module, cfg, action in plan:
+        before = type(module).__name__
+        module = _apply_one(model, name, module, cfg, action)
+        if action == "skip":
+            report["skipped"].append(name)
+            continue
+        new_cls = type(module).__name__
+        if action == "swap":
+            report["swapped"].append(name)
+            counts[f"{before} -> {new_cls}"] += 1
+        else:
+            report["reconfigured"].append(name)
+            counts[f"{new_cls} (reconfigured)"] += 1
+        configs[_config_label(cfg)] += 1
+        if isinstance(module, AttentionMX) and module.eager:
+            eager.append(name)
+    return {**report, "counts": dict(counts), "configs": dict(configs), "eager_attention": eager}
+
+
+@register_pass
+class SwapPass:
+    """Replace the modules the recipe's selectors resolve to with their quantized versions."""
+
+    name = "swap"
+    after: tuple[str, ...] = ()
+
+    def wanted(self, recipe: "Recipe") -> bool:
+        return True
+
+    def run(self, model: nn.Module, recipe: "Recipe", ctx: PassContext) -> dict:
+        return swap_modules(model, recipe.resolve(model))

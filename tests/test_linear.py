@@ -1,0 +1,223 @@
+"""LinearMX: exact bypass, RTN semantics, weight cache, rotation hooks and the GPTQ interface."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ptq.quantizers
+from ptq.config import LinearQuantConfig
+from ptq.errors import ModelError
+from ptq.formats import QuantSpec
+from ptq.modules import LinearMX
+from ptq.quantizers import fake_quantize
+
+W4 = QuantSpec.mxint(4)
+FP4 = QuantSpec.mxfp("e2m1")
+A8 = QuantSpec.mxint(8)
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8),
+                                                                      b.view(-1).view(torch.uint8))
+
+
+class OrthoRotation(nn.Module):
+    """Random orthogonal stand-in for the Hadamard module: rot(t) = t @ H^T on the last dim."""
+
+    def __init__(self, n: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        self.register_buffer("H", q.to(torch.float32))
+
+    def forward(self, t):
+        return (t.float() @ self.H.T).to(t.dtype)
+
+    def inverse(self, t):
+        return (t.float() @ self.H).to(t.dtype)
+
+
+@pytest.fixture
+def lin():
+    torch.manual_seed(0)
+    return nn.Linear(96, 40, bias=True)
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(1)
+    return torch.randn(2, 5, 96) * 3
+
+
+def count_weight_quantizations(monkeypatch, shape):
+    calls = []
+    real = ptq.quantizers.fake_quantize
+
+    def spy(t, spec, **kw):
+        if tuple(t.shape) == tuple(shape):
+            calls.append(spec)
+        return real(t, spec, **kw)
+
+    monkeypatch.setattr(ptq.quantizers, "fake_quantize", spy)
+    return calls
+
+
+def test_from_linear_shares_parameters_and_bypass_is_exact(lin, x):
+    m = LinearMX.from_linear(lin, LinearQuantConfig())
+    assert m.weight is lin.weight and m.bias is lin.bias
+    assert (m.in_features, m.out_features) == (96, 40)
+    assert bits_equal(m(x), lin(x))
+    lin_bf16 = nn.Linear(96, 40).to(torch.bfloat16)
+    m16 = LinearMX.from_linear(lin_bf16, LinearQuantConfig())
+    xb = x.to(torch.bfloat16)
+    assert bits_equal(m16(xb), lin_bf16(xb))
+    with pytest.raises(ModelError, match="nn.Linear"):
+        LinearMX.from_linear(nn.Conv1d(3, 3, 1), LinearQuantConfig())
+    with pytest.raises(ModelError, match="set_config"):
+        LinearMX.from_linear(m, LinearQuantConfig())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rtn_forward_matches_formula(lin, x, dtype):
+    lin = lin.to(dtype)
+    x = x.to(dtype)
+    cfg = LinearQuantConfig(weight=FP4, data_in=A8, bias=W4)
+    m = LinearMX.from_linear(lin, cfg)
+    want = F.linear(fake_quantize(x, A8), fake_quantize(lin.weight.detach().float(), FP4).to(dtype),
+                    fake_quantize(lin.bias.detach(), W4))
+    got = m(x)
+    assert got.dtype == dtype
+    assert bits_equal(got, want)
+    assert not torch.equal(got, lin(x))
+
+
+def test_specs_are_applied_along_the_last_dim(lin):
+    m = LinearMX.from_linear(lin, LinearQuantConfig(weight=W4.with_(axis=0), data_in=W4.with_(axis=1)))
+    assert m.cfg.weight.axis == -1 and m.cfg.data_in.axis == -1
+    assert "MXINT4(block=32, axis=-1)" in repr(m)
+
+
+def test_weight_is_quantized_once_and_requantized_after_a_change(lin, x, monkeypatch):
+    calls = count_weight_quantizations(monkeypatch, lin.weight.shape)
+    m = LinearMX.from_linear(lin, LinearQuantConfig(weight=W4))
+    y1 = m(x)
+    y2 = m(x)
+    assert len(calls) == 1 and bits_equal(y1, y2)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in-place: bumps _version
+    y3 = m(x)
+    assert len(calls) == 2
+    assert bits_equal(y3, F.linear(x, fake_quantize(lin.weight.detach(), W4), lin.bias))
+    lin.weight.data = lin.weight.data * 0.5  # rebinding: new data_ptr
+    m(x)
+    assert len(calls) == 3
+    m.set_config(LinearQuantConfig(weight=FP4))
+    m(x)
+    assert len(calls) == 4 and calls[-1] == FP4
+
+
+def test_matched_rotation_is_exact_in_full_precision(lin, x):
+    """All quantizers bypassed: y = rot(x) @ rot(W)^T + b equals x W^T + b up to fp32 rounding (atol 1e-5 here,
+    |y| ~ 10)."""
+    m = LinearMX.from_linear(lin, LinearQuantConfig())
+    rot = OrthoRotation(96)
+    m.set_rotation(rot)
+    torch.testing.assert_close(m(x), lin(x), rtol=0, atol=1e-5)
+    m.set_rotation(rot, mode="activation_only")
+    torch.testing.assert_close(m(x), lin(x), rtol=0, atol=1e-5)
+    m.set_rotation(None)
+    assert m.rotation is None and bits_equal(m(x), lin(x))
+
+
+def test_rotation_modes_match_their_formulas(lin, x):
+    rot = OrthoRotation(96, seed=3)
+    m = LinearMX.from_linear(lin, LinearQuantConfig(weight=W4, data_in=A8))
+    m.set_rotation(rot, "matched")
+    w_rot = rot(lin.weight.detach().float())
+    assert bits_equal(m.weight_to_quantize(), w_rot)
+    assert bits_equal(m.prepare_input(x), fake_quantize(rot(x), A8))
+    assert bits_equal(m(x), F.linear(fake_quantize(rot(x), A8), fake_quantize(w_rot, W4), lin.bias))
+    assert "rotation=OrthoRotation(matched)" in repr(m)
+
+    m.set_rotation(rot, "activation_only")
+    assert bits_equal(m.weight_to_quantize(), lin.weight.detach().float())
+    xin = rot.inverse(fake_quantize(rot(x), A8))
+    assert bits_equal(m(x), F.linear(xin, fake_quantize(lin.weight.detach(), W4), lin.bias))
+    with pytest.raises(ModelError, match="mode"):
+        m.set_rotation(rot, "sideways")
+
+
+def test_rotation_change_invalidates_the_weight_cache(lin, x):
+    m = LinearMX.from_linear(lin, LinearQuantConfig(weight=W4))
+    r1, r2 = OrthoRotation(96, seed=1), OrthoRotation(96, seed=2)
+    m.set_rotation(r1)
+    y1 = m(x)
+    m.set_rotation(r2)
+    y2 = m(x)
+    assert bits_equal(y2, F.linear(x @ r2.H.T, fake_quantize(lin.weight.detach() @ r2.H.T, W4), lin.bias))
+    assert not torch.equal(y1, y2)
+
+
+def test_weight_to_quantize_is_an_fp32_copy(lin):
+    m = LinearMX.from_linear(lin.to(torch.bfloat16), LinearQuantConfig(weight=W4))
+    w = m.weight_to_quantize()
+    assert w.dtype == torch.float32 and w.data_ptr() != lin.weight.data_ptr()
+    w.zero_()
+    assert lin.weight.abs().sum() > 0
+
+
+def test_gptq_weight_is_used_as_is(lin, x, monkeypatch):
+    m = LinearMX.from_linear(lin, LinearQuantConfig(weight=W4, data_in=A8, gptq=True))
+    assert "gptq=pending" in repr(m)
+    wq = torch.randn(40, 96)
+    m.set_quantized_weight(wq)
+    calls = count_weight_quantizations(monkeypatch, lin.weight.shape)
+    assert bits_equal(m(x), F.linear(fake_quantize(x, A8), wq, lin.bias))
+    assert calls == []  # never re-quantized
+    assert "gptq=done" in repr(m) and m.has_gptq_weight
+    with torch.no_grad():
+        lin.weight.add_(1.0)  # the GPTQ result stays the effective weight
+    assert bits_equal(m(x), F.linear(fake_quantize(x, A8), wq, lin.bias))
+    with pytest.raises(ModelError, match="shape"):
+        m.set_quantized_weight(torch.zeros(96, 40))
+    with pytest.warns(UserWarning, match="rotation changed"):
+        m.set_rotation(OrthoRotation(96))
+    assert not m.has_gptq_weight
+
+
+def test_gptq_weight_survives_same_config_and_follows_dtype(lin, x):
+    cfg = LinearQuantConfig(weight=W4, gptq=True)
+    m = LinearMX.from_linear(lin, cfg)
+    m.set_quantized_weight(fake_quantize(lin.weight.detach(), W4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.set_config(cfg)  # swap pass run again with the same recipe
+    assert m.has_gptq_weight
+    m.to(torch.bfloat16)
+    assert m(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.warns(UserWarning, match="config changed"):
+        m.set_config(LinearQuantConfig(weight=FP4, gptq=True))
+    assert not m.has_gptq_weight
+
+
+def test_module_dtype_change_refreshes_the_cache(lin, x):
+    m = LinearMX.from_linear(lin, LinearQuantConfig(weight=W4, data_in=A8))
+    m(x)
+    m.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    want = F.linear(fake_quantize(xb, A8), fake_quantize(m.weight.detach(), W4), m.bias)
+    assert bits_equal(m(xb), want)
+
+
+def test_cache_built_under_inference_mode_serves_autograd_later(lin, x):
+    m = LinearMX.from_linear(lin, LinearQuantConfig(weight=W4, bias=W4))
+    with torch.inference_mode():
+        y0 = m(x)
+    xg = x.clone().requires_grad_(True)
+    y = m(xg)
+    y.sum().backward()
+    assert bits_equal(y.detach(), y0)
+    torch.testing.assert_close(xg.grad, fake_quantize(lin.weight.detach(), W4).sum(0).expand_as(x), rtol=0, atol=1e-5)
