@@ -1,0 +1,348 @@
+"""The ``rotation_search`` pass: greedy forward selection of which matmul types get an online Hadamard rotation.
+
+Types and what rotating them means (``HadamardRotation`` of ``ptq.modules.rotation``):
+
+- ``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``: the input rotation of every ``LinearMX`` named
+  ``*.q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` / ``gate_proj`` / ``up_proj`` / ``down_proj``
+  (``LinearMX.set_rotation(rot, mode)``; size = in_features). q, k and v share their input, but each linear gets its
+  own (identical) rotation, so the three are independent choices.
+- ``kv_cache``: what the cache stores, K and V, along head_dim (``AttentionMX.set_rotations(qk=..., v=...)``): Q is
+  rotated with K so Q K^T is unchanged, and the attention output is de-rotated per head before o_proj.
+- ``qk_matmul``: the Q/K rotation only (both operands of Q K^T).
+- ``av_matmul``: its reduction axis is the key axis, and a rotation along it mixes future keys into past ones, which
+  a causal decode cannot do online; it is not a default candidate and naming it is refused.
+
+``mode`` ("matched": ``Q(W H^T) Q(H x)``; "activation_only": ``H^T Q(H x)`` with W untouched) applies to the
+linears; the attention rotations are always matched pairs (Q with K; V with the de-rotated output).
+
+Candidates (default): every type that the recipe quantizes somewhere (a linear with a quantized input or, in
+"matched" mode, a quantized weight; an attention with ``kv_cache`` / ``qk_matmul`` quantization).
+
+Loss: mean next-token cross-entropy of the quantized model (RTN weights; GPTQ runs afterwards on the rotated
+weights) over the calibration windows (``calib_nsamples`` x ``calib_seqlen`` from ``dataset``). CE needs no second
+model; with the greedy rule below the loss of the kept sets decreases strictly round by round.
+
+Greedy rule: round r tries every remaining candidate on top of the set chosen so far and keeps the one with the
+lowest loss if it beats the current loss by more than ``improvement_eps``; otherwise the search stops.
+
+Cache (``cache_path``, JSON written atomically after every finished round): a fingerprint (model config + weights,
+every module's quantization config + the search settings, calibration tokens, ptq version), the baseline loss, the
+finished rounds (trials and losses) and, once done, the decision. A rerun with the same fingerprint applies the
+decision without searching, an interrupted run resumes after its last finished round, and a cache with another
+fingerprint is refused (``CheckpointError`` naming what differs).
+
+The search runs on the device the model is on (a whole-model forward per trial).
+
+Sizes: kind "full" rotates the whole dimension (power of two or a known Hadamard order times one, e.g.
+stories260k's down_proj input 172 = the Williamson order 172 itself); kind "block" uses blocks of ``block_size``
+(default: the MX block size of the quantized tensor), a block at least as large as the dimension means the full
+rotation (e.g. head_dim 8 with blocks of 32).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptq.config import ROTATION_TYPES, RotationSearchConfig
+from ptq.errors import CheckpointError, ModelError, PtqError, RecipeError
+from ptq.passes.base import PassContext, register_pass
+
+LINEAR_TYPES: dict[str, str] = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+                                "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+ATTENTION_TYPES = ("kv_cache", "qk_matmul")
+CACHE_FORMAT = 1
+
+
+def _linear_cls():
+    from ptq.modules.linear import LinearMX
+
+    return LinearMX
+
+
+def _attention_cls():
+    from ptq.modules.attention import AttentionMX
+
+    return AttentionMX
+
+
+def rotation_sites(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+    """type -> [(module name, module)] of the swapped modules a rotation of that type touches."""
+    linear_cls, attn_cls = _linear_cls(), _attention_cls()
+    sites: dict[str, list[tuple[str, nn.Module]]] = {t: [] for t in ROTATION_TYPES}
+    for name, mod in model.named_modules():
+        if isinstance(mod, linear_cls):
+            t = LINEAR_TYPES.get(name.rsplit(".", 1)[-1])
+            if t is not None:
+                sites[t].append((name, mod))
+        elif isinstance(mod, attn_cls):
+            for t in ATTENTION_TYPES:
+                sites[t].append((name, mod))
+    return sites
+
+
+def _quantized(t: str, mod: nn.Module, mode: str) -> bool:
+    cfg = mod.cfg
+    if t in LINEAR_TYPES.values():
+        return cfg.data_in is not None or (mode == "matched" and cfg.weight is not None)
+    if t == "kv_cache":
+        return cfg.kv_cache is not None
+    if t == "qk_matmul":
+        return cfg.qk_matmul is not None
+    return False
+
+
+def candidate_types(sites: dict, cfg: RotationSearchConfig) -> list[str]:
+    """The types the search tries, in ``ROTATION_TYPES`` order (see the module docstring)."""
+    active = [t for t in ROTATION_TYPES if any(_quantized(t, m, cfg.mode) for _, m in sites.get(t, []))]
+    if cfg.candidates is None:
+        return active
+    named = list(dict.fromkeys(cfg.candidates))
+    if "av_matmul" in named:
+        raise RecipeError(
+            "[rotation_search].candidates: 'av_matmul' cannot be rotated online (its reduction axis is the key "
+            "axis, which a causal decode cannot mix); remove it from the candidates")
+    idle = [t for t in named if t not in active]
+    if idle:
+        raise RecipeError(
+            f"[rotation_search].candidates: {', '.join(map(repr, idle))} name(s) no matmul the recipe quantizes "
+            f"(quantized types: {', '.join(active) or 'none'}); remove them or quantize those modules")
+    return [t for t in ROTATION_TYPES if t in named]
+
+
+class RotationBank:
+    """Builds (and shares) the HadamardRotation modules and installs a chosen set of types on the model."""
+
+    def __init__(self, sites: dict, cfg: RotationSearchConfig):
+        self.sites = sites
+        self.cfg = cfg
+        self._made: dict[tuple, nn.Module] = {}
+
+    def rotation(self, size: int, default_block: int | None, where: str) -> nn.Module:
+        from ptq.modules.rotation import HadamardRotation
+
+        cfg = self.cfg
+        block = cfg.block_size or default_block
+        if cfg.kind == "block" and block is None:
+            raise RecipeError(f"[rotation_search].block_size: {where} has no MX block size to default to; set "
+                              "block_size")
+        full = cfg.kind == "full" or block >= size
+        key = (size, None) if full else (size, block)
+        if key not in self._made:
+            try:
+                self._made[key] = HadamardRotation(size) if full else HadamardRotation(size, "block", block)
+            except ModelError as e:
+                raise ModelError(f"rotation_search: cannot rotate {where} (size {size}): {e}. Alternatively drop "
+                                 "this type from [rotation_search].candidates") from None
+        return self._made[key]
+
+    def prepare(self, types: list[str]) -> None:
+        """Build every rotation the candidate types need up front, so bad sizes fail before any search."""
+        for t in types:
+            for name, mod in self.sites[t]:
+                self._for_site(t, name, mod)
+
+    def _for_site(self, t: str, name: str, mod: nn.Module) -> nn.Module:
+        if t in ATTENTION_TYPES:
+            spec = mod.cfg.kv_cache or mod.cfg.qk_matmul or mod.cfg.rope
+            return self.rotation(mod.head_dim, spec.block_size if spec else None, f"{name} ({t}, head_dim)")
+        spec = mod.cfg.data_in or mod.cfg.weight
+        return self.rotation(mod.in_features, spec.block_size if spec else None, f"{name} ({t}, in_features)")
+
+    def apply(self, chosen: list[str] | set[str]) -> None:
+        chosen = set(chosen)
+        for t in LINEAR_TYPES.values():
+            for name, mod in self.sites[t]:
+                rot = self._for_site(t, name, mod) if t in chosen else None
+                if rot is not mod.rotation or (rot is not None and mod.rotation_mode != self.cfg.mode):
+                    mod.set_rotation(rot, self.cfg.mode)
+        qk = "kv_cache" in chosen or "qk_matmul" in chosen
+        v = "kv_cache" in chosen
+        for name, mod in self.sites["kv_cache"]:
+            rot = self._for_site("kv_cache", name, mod) if (qk or v) else None
+            mod.set_rotations(qk=rot if qk else None, v=rot if v else None)
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_tokens: int = 16384) -> float:
+    """Mean next-token cross-entropy (nats) of ``model`` over ``windows`` [n, seqlen] (fp32 accumulation)."""
+    device = next(model.parameters()).device
+    n, seqlen = windows.shape
+    bs = max(1, batch_tokens // seqlen)
+    total, count = 0.0, 0
+    for s in range(0, n, bs):
+        ids = windows[s:s + bs].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        for row in range(ids.shape[0]):  # one window at a time in fp32: bounded memory for large vocabularies
+            total += F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+def _fingerprint(model: nn.Module, cfg: RotationSearchConfig, windows: torch.Tensor, calib: dict) -> dict:
+    from ptq import __version__
+    from ptq.io import digest_json, digest_tensors, model_fingerprint
+
+    configs = {name: repr(mod.cfg) for name, mod in model.named_modules()
+               if isinstance(mod, (_linear_cls(), _attention_cls()))}
+    search = cfg.model_dump(mode="json", exclude={"cache_path"})
+    return {
+        "model": digest_json(model_fingerprint(model)),
+        "recipe": digest_json({"modules": configs, "rotation_search": search}),
+        "data": digest_json({**calib, "tokens": digest_tensors([("tokens", windows)])}),
+        "version": __version__,
+    }
+
+
+_WHAT = {"model": "the model (config or weights)", "recipe": "the recipe (module quantization or "
+         "[rotation_search] settings)", "data": "the calibration data", "version": "the ptq version"}
+
+
+class _Cache:
+    """The decisions file: load / verify / save (atomically) after each finished round."""
+
+    def __init__(self, path: str | None, fingerprint: dict, resume: bool):
+        self.path = Path(path) if path else None
+        self.fingerprint = fingerprint
+        self.state: dict = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "baseline_loss": None,
+                            "rounds": [], "decision": None}
+        self.loaded = False
+        if self.path is None or not self.path.exists():
+            return
+        if not resume:
+            raise CheckpointError(f"rotation_search: {self.path} exists and resume is off; delete it or set another "
+                                  "[rotation_search].cache_path")
+        import json
+
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"rotation_search: cannot read the cache {self.path} ({e}); delete it to start "
+                                  "over") from None
+        if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT or "fingerprint" not in state:
+            raise CheckpointError(f"rotation_search: {self.path} is not a rotation-search cache of this ptq version; "
+                                  "delete it or set another [rotation_search].cache_path")
+        old = state["fingerprint"]
+        diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+        if diff:
+            raise CheckpointError(
+                f"rotation_search: the cache {self.path} was made for a different "
+                f"{' and '.join(_WHAT[k] for k in diff)}; delete it to search again, or point "
+                "[rotation_search].cache_path at a new file")
+        self.state = state
+        self.loaded = True
+
+    def save(self) -> None:
+        if self.path is not None:
+            from ptq.io import atomic_write_json
+
+            atomic_write_json(self.path, self.state)
+
+
+@register_pass
+class RotationSearchPass:
+    """Greedy rotation search (see the module docstring)."""
+
+    name = "rotation_search"
+    after = ("swap",)
+
+    def wanted(self, recipe) -> bool:
+        return recipe.rotation_search is not None
+
+    def run(self, model: nn.Module, recipe, ctx: PassContext) -> dict:
+        cfg: RotationSearchConfig = recipe.rotation_search
+        t0 = time.perf_counter()
+        sites = rotation_sites(model)
+        types = candidate_types(sites, cfg)
+        bank = RotationBank(sites, cfg)
+        bank.prepare(types)
+        bank.apply([])  # start from no rotation (also clears rotations of an earlier run on this model)
+        windows, calib = self._calibration(model, cfg, ctx)
+        cache = _Cache(cfg.cache_path, _fingerprint(model, cfg, windows, calib), ctx.resume)
+        state = cache.state
+        info = {"candidates": types, "cache_path": cfg.cache_path, "cache_used": cache.loaded,
+                "rounds_loaded": len(state["rounds"]) if cache.loaded else 0, "evaluations": 0}
+
+        if state["decision"] is None:
+            self._search(model, windows, types, bank, cache, info, ctx)
+        chosen = list(state["decision"])
+        bank.apply(chosen)
+        info.update({
+            "chosen": chosen,
+            "searched": info["evaluations"] > 0,
+            "baseline_loss": state["baseline_loss"],
+            "round_losses": [r["loss"] for r in state["rounds"] if r["chosen"] is not None],
+            "rounds": state["rounds"],
+            "kind": cfg.kind, "mode": cfg.mode,
+            "modules_rotated": sum(len(sites[t]) for t in chosen),
+            "seconds": time.perf_counter() - t0,
+        })
+        return info
+
+    def _search(self, model, windows, types, bank, cache, info, ctx) -> None:
+        from tqdm.auto import tqdm
+
+        state = cache.state
+        eps = float(bank.cfg.improvement_eps)
+        if state["baseline_loss"] is None:
+            bank.apply([])
+            state["baseline_loss"] = calibration_loss(model, windows)
+            info["evaluations"] += 1
+            cache.save()
+        chosen = [r["chosen"] for r in state["rounds"] if r["chosen"] is not None]
+        best = state["rounds"][-1]["loss"] if chosen else state["baseline_loss"]
+        if state["rounds"] and state["rounds"][-1]["chosen"] is None:  # interrupted after the stopping round
+            state["decision"] = chosen
+            cache.save()
+            return
+        remaining = [t for t in types if t not in chosen]
+        bar = tqdm(total=len(remaining) * (len(remaining) + 1) // 2, desc="rotation_search", disable=not ctx.progress)
+        while remaining:
+            trials = {}
+            for t in remaining:
+                bank.apply(chosen + [t])
+                trials[t] = calibration_loss(model, windows)
+                info["evaluations"] += 1
+                bar.update(1)
+                bar.set_postfix(best=f"{best:.4f}", chosen=",".join(chosen) or "-")
+            pick = min(trials, key=trials.get)
+            gain = best - trials[pick]
+            keep = gain > eps
+            state["rounds"].append({"round": len(state["rounds"]) + 1, "base": list(chosen), "trials": trials,
+                                    "chosen": pick if keep else None, "loss": trials[pick] if keep else best,
+                                    "gain": gain})
+            if not keep:
+                break
+            chosen.append(pick)
+            best = trials[pick]
+            remaining.remove(pick)
+            cache.save()
+        bar.close()
+        state["decision"] = chosen
+        cache.save()
+
+    def _calibration(self, model: nn.Module, cfg: RotationSearchConfig, ctx: PassContext) -> tuple[torch.Tensor, dict]:
+        from ptq import data
+
+        tok = ctx.tokenizer
+        if tok is None:
+            raise PtqError("rotation_search needs a tokenizer for its calibration text: pass tokenizer=... to "
+                           "quantize_module_transform_pass")
+        try:
+            from ptq.models import default_bos_id
+        except ImportError:  # pragma: no cover - ptq.models ships with ptq
+            def default_bos_id(t):
+                return getattr(t, "bos_token_id", None)
+        bos = default_bos_id(tok)
+        key = data.calibration_key(cfg.dataset, cfg.calib_nsamples, cfg.calib_seqlen, cfg.seed, bos)
+        if key not in ctx.calibration:
+            ctx.calibration[key] = data.calibration_windows(
+                tok, cfg.dataset, cfg.calib_nsamples, cfg.calib_seqlen, seed=cfg.seed, data_dir=ctx.data_dir,
+                bos_id=bos)
+        src = cfg.dataset if isinstance(cfg.dataset, str) else list(cfg.dataset)
+        return ctx.calibration[key], {"dataset": src, "nsamples": cfg.calib_nsamples, "seqlen": cfg.calib_seqlen,
+                                      "seed": cfg.seed, "bos_id": bos}
