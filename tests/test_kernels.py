@@ -204,6 +204,28 @@ def test_non_contiguous_and_empty_inputs():
     assert K.triton_fake_quantize(e, spec).shape == (0, 32)
 
 
+@pytest.mark.parametrize("name", ["mxfp4_b6", "nvfp4", "int4_asym_stoch", "mxint4"])
+def test_layouts_read_in_place(name):
+    """Dense tensors whose blocked axis has stride 1 (K / V as [b, h, s, d] views of [b, s, h, d], a transposed
+    matrix blocked along dim 0, a row slice with a storage offset) are quantized without a copy and keep their
+    strides; other layouts go through the copy. Stochastic noise follows the logical row order either way."""
+    spec = SPECS[name]
+    B = spec.block_size
+    seed, gen = fresh_generator()
+    kv = random_input((2, 5, 3, 2 * B + 3), torch.bfloat16, gen).transpose(1, 2)
+    cases = [
+        (kv, spec, True),
+        (random_input((7, 2 * B), torch.float32, gen).t(), spec.with_(axis=0), True),
+        (random_input((4, 2 * B), torch.float16, gen)[1:3], spec, True),
+        (random_input((4, 3 * B), torch.bfloat16, gen)[:, : 2 * B], spec, False),  # not dense: copied
+    ]
+    for x, s, in_place in cases:
+        y = K.triton_fake_quantize(x, s)
+        assert_bit_exact(y, reference_fake_quantize(x, s), f"{s} {tuple(x.shape)} {x.stride()} seed={seed}")
+        if in_place and s.rounding != "stochastic":
+            assert y.stride() == x.stride()
+
+
 @pytest.mark.parametrize("shape,block", [((3, 4100), 32), ((4, 1024), 32), ((2, 1000), 24), ((1, 5000), 2)])
 def test_multi_program_tiles(shape, block):
     """Several programs, full and partial last tiles, non-power-of-two blocks (masked columns), tiny blocks."""

@@ -68,8 +68,10 @@ def _check_runnable(x: torch.Tensor, spec: QuantSpec) -> None:
 
 
 def _on_device(x: torch.Tensor):
-    """Launch on ``x``'s GPU even when another one is current."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Launch on ``x``'s GPU even when another one is current (no device switch when it already is)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def _to_blocked_2d(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -87,22 +89,51 @@ def _noise_2d(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> t
     return noise.reshape(-1, noise.shape[-2] * noise.shape[-1]).contiguous()
 
 
+def _rows_in_place(x: torch.Tensor, axis: int, stochastic: bool) -> torch.Tensor | None:
+    """An output tensor with ``x``'s strides when ``x``'s memory already is the kernel's [rows, L] layout, else
+    None (then the blocked axis is moved last and copied).
+
+    That holds when ``x`` is dense and non-overlapping (exactly then ``empty_like`` keeps its strides) and the
+    blocked axis has stride 1: then it is the innermost memory dim and every block is L consecutive elements, e.g.
+    K / V as [batch, heads, seq, head_dim] views of a [batch, seq, heads, head_dim] buffer. Blocks do not depend on
+    the order of the rows, except for stochastic-rounding noise, which is indexed in logical row order: with it,
+    only layouts whose memory order is the logical one (axis moved last, contiguous) qualify.
+    """
+    if x.stride(axis) != 1:
+        return None
+    if stochastic and not x.movedim(axis, -1).is_contiguous():
+        return None
+    y = torch.empty_like(x)
+    return y if y.stride() == x.stride() else None
+
+
 def triton_fake_quantize(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize ``x`` with ``spec`` in one Triton kernel; returns a tensor of ``x``'s shape and dtype.
 
     Bit-identical to ``ptq.quantizers.reference_fake_quantize``. ``noise`` (stochastic rounding only): U[0,1)
     float32 of ``ptq.quantizers.noise_shape(x, spec)`` = ``(*x.movedim(axis, -1).shape[:-1], n_blocks,
     block_size)``; drawn from ``torch.Generator(device).manual_seed(spec.seed)`` when omitted, exactly as the
-    reference does. The result is a view with ``x``'s layout when ``spec.axis`` is not the last dim. Not
-    differentiable (no autograd graph): wrap it in a straight-through estimator where gradients are needed.
+    reference does. When the blocked axis has stride 1 in a dense ``x`` (e.g. a contiguous tensor blocked along its
+    last dim) the kernel reads ``x`` in place and the result has ``x``'s strides; otherwise the blocked axis is
+    moved last into a contiguous copy and the result is a view with ``x``'s layout. Not differentiable (no autograd
+    graph): wrap it in a straight-through estimator where gradients are needed.
     """
-    from ptq.kernels.mx_quant import check_input, fake_quantize_2d, nvfp4_global_scale_fast
+    from ptq.kernels.mx_quant import check_input, fake_quantize_2d, launch_fake_quantize, nvfp4_global_scale_fast
 
     axis = check_input(x, spec)
     _check_runnable(x, spec)
+    n2 = _noise_2d(x, spec, noise)
+    L = x.shape[axis]
+    y = _rows_in_place(x, axis, n2 is not None) if L else None
+    if y is not None:
+        with _on_device(x):
+            g = None
+            if spec.family == "nvfp4":  # the tensor-wide amax does not depend on the order of the elements
+                g = nvfp4_global_scale_fast(x.as_strided((x.numel(),), (1,)))
+            launch_fake_quantize(x, y, x.numel() // L, L, spec, n2, g)
+        return y
     moved_shape = x.movedim(axis, -1).shape
     x2 = _to_blocked_2d(x, axis)
-    n2 = _noise_2d(x, spec, noise)
     with _on_device(x):
         g = nvfp4_global_scale_fast(x2) if spec.family == "nvfp4" else None
         y2 = fake_quantize_2d(x2, spec, n2, g)

@@ -300,10 +300,11 @@ def check_input(x: torch.Tensor, spec: QuantSpec) -> int:
 DEFAULT_TILE: tuple[int, int] = (4096, 8)
 
 
+@functools.lru_cache(maxsize=256)
 def tile_config(block: int, tile: tuple[int, int] | None = None) -> tuple[int, int, int]:
     """(BLOCK_P2, blocks per program, num_warps) for a block size, from ``tile`` = (elements per program, warps)."""
     elems, warps = tile or DEFAULT_TILE
-    block_p2 = triton.next_power_of_2(block)
+    block_p2 = 1 << (block - 1).bit_length()  # triton.next_power_of_2 without its per-call host overhead
     bpp = max(1, elems // block_p2)
     return block_p2, bpp, warps if bpp * block_p2 >= 1024 else 4
 
@@ -328,28 +329,56 @@ def fake_quantize_2d(x2: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | No
     ``noise``: [rows, padded L] fp32 (stochastic rounding), ``global_scale``: 1-element fp32 (NVFP4),
     ``tile``: (elements per program, num_warps), default ``DEFAULT_TILE``."""
     rows, L = x2.shape
-    c = format_constants(spec)
-    B = c.block
-    nb = -(-L // B)
-    total = rows * nb
-    block_p2, bpp, warps = tile_config(B, tile)
     y2 = torch.empty_like(x2)
-    if total == 0:
-        return y2
-    even = (L % B == 0) and block_p2 == B
-    out_kind = OUT_BF16_BITS if x2.dtype == torch.bfloat16 else OUT_NATIVE
-    bits = out_kind == OUT_BF16_BITS
-    x_arg, y_arg = (x2.view(torch.int16), y2.view(torch.int16)) if bits else (x2, y2)
-    use_i64 = max(rows * L, total * block_p2, rows * nb * B) >= 2**31 - 1
-    grid = (triton.cdiv(total, bpp),)
-    dummy = x2  # never read: the loads are behind constexpr branches
-    _fake_quant_kernel[grid](
-        x_arg, y_arg, noise if noise is not None else dummy, global_scale if global_scale is not None else dummy,
-        total, L, nb,
+    launch_fake_quantize(x2, y2, rows, L, spec, noise, global_scale, tile)
+    return y2
+
+
+@dataclass(frozen=True)
+class _LaunchConstants:
+    """What a launch for one (spec, tile) needs besides the shape: computed once per spec, not per call."""
+
+    block: int
+    block_p2: int
+    bpp: int
+    kwargs: dict  # the shape-independent constexprs and num_warps / compile options
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_constants(spec: QuantSpec, tile: tuple[int, int] | None) -> _LaunchConstants:
+    c = format_constants(spec)
+    block_p2, bpp, warps = tile_config(c.block, tile)
+    kwargs = dict(
         FAMILY=c.family, WIDTH=c.width, MAN_BITS=c.man_bits, EMAX=c.emax, EMIN=c.emin, MAX_NORMAL=c.max_normal,
         LEVELS=c.levels, FRAC_BITS=c.frac_bits, ROUNDING=c.rounding, SCALE_CEIL=c.scale_ceil,
-        BLOCK=B, BLOCK_P2=block_p2, BPP=bpp, EVEN=even, FULL=even and total % bpp == 0, OUT_KIND=out_kind,
-        BF16_EXACT=bf16_exact(spec), USE_I64=use_i64, S_MAN=c.s_man, S_EMIN=c.s_emin, S_EMAX=c.s_emax,
-        S_MAX=c.s_max, num_warps=warps, **EXACT_FP_OPTIONS,
+        BLOCK=c.block, BLOCK_P2=block_p2, BPP=bpp, BF16_EXACT=bf16_exact(spec), S_MAN=c.s_man, S_EMIN=c.s_emin,
+        S_EMAX=c.s_emax, S_MAX=c.s_max, num_warps=warps, **EXACT_FP_OPTIONS,
     )
-    return y2
+    return _LaunchConstants(c.block, block_p2, bpp, kwargs)
+
+
+def launch_fake_quantize(x: torch.Tensor, y: torch.Tensor, rows: int, L: int, spec: QuantSpec,
+                         noise: torch.Tensor | None, global_scale: torch.Tensor | None,
+                         tile: tuple[int, int] | None = None) -> None:
+    """Fake-quantize ``x`` into ``y``, both float tensors of one dtype whose memory (from ``data_ptr()``) is a
+    row-major [rows, L] array blocked along L, whatever their logical shapes (e.g. a permuted dense tensor whose
+    blocked axis has stride 1). ``noise`` / ``global_scale`` / ``tile``: as for `fake_quantize_2d`. No host sync,
+    no copy: this is the per-call hot path of ``fake_quantize``."""
+    k = _launch_constants(spec, tile)
+    B = k.block
+    nb = -(-L // B)
+    total = rows * nb
+    if total == 0:
+        return
+    bpp = k.bpp
+    even = (L % B == 0) and k.block_p2 == B
+    bits = x.dtype == torch.bfloat16
+    if bits:  # bf16 travels as int16 bit patterns both ways
+        x, y = x.view(torch.int16), y.view(torch.int16)
+    use_i64 = max(rows * L, total * k.block_p2, rows * nb * B) >= 2**31 - 1
+    dummy = x  # never read: the loads are behind constexpr branches
+    _fake_quant_kernel[(-(-total // bpp),)](
+        x, y, noise if noise is not None else dummy, global_scale if global_scale is not None else dummy,
+        total, L, nb, EVEN=even, FULL=even and total % bpp == 0, OUT_KIND=OUT_BF16_BITS if bits else OUT_NATIVE,
+        USE_I64=use_i64, **k.kwargs,
+    )

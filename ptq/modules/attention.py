@@ -162,7 +162,7 @@ class AttentionMX(nn.Module):
 
         query_states = self.q_proj(hidden_states).view(hidden_shape)
         key_states = self.k_proj(hidden_states).view(hidden_shape)
-        if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over head_dim before RoPE
+        if "q_norm" in self._modules:  # Qwen3: RMSNorm over head_dim before RoPE (a dict lookup, not hasattr)
             query_states = self.q_norm(query_states)
             key_states = self.k_norm(key_states)
         query_states = query_states.transpose(1, 2)

@@ -9,6 +9,7 @@ families (mxint, int) return +0 for zero elements because two's-complement codes
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,6 +44,7 @@ def _requested_backend(backend: str | None) -> str:
     return backend
 
 
+@functools.cache  # imported once: a module's importability does not change while the process runs
 def _triton_module():
     try:
         import ptq.kernels as kernels
@@ -86,7 +88,5 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, backend: str | None = Non
     chosen = resolve_backend(x, spec, backend)
     noise = resolve_noise(x, spec, noise)
     if chosen == "triton":
-        from ptq.kernels import triton_fake_quantize
-
-        return triton_fake_quantize(x, spec, noise=noise)
+        return _triton_module()[0].triton_fake_quantize(x, spec, noise=noise)
     return reference_fake_quantize(x, spec, noise=noise)
