@@ -246,7 +246,8 @@ def test_cuda_pass_moves_one_layer_at_a_time(tmp_path, stories260k_path, data_di
                                                      tokenizer=tok, device="cuda", progress=False)
     per_layer = len(list(model.model.layers[0].parameters()))
     assert seen and all(n <= per_layer for _, n in seen)  # never more than one layer on the GPU
-    assert all(not p.is_cuda for p in model.parameters())  # everything back where it was
+    left = [n for n, p in model.named_parameters() if p.is_cuda]
+    assert not left, f"left on the GPU: {left}"  # everything back where it was
     assert info["gptq"]["computed"] == [0, 1, 2, 3, 4] and info["gptq"]["peak_gpu_memory_bytes"] > 0
     for name, w in effective_weights(model).items():
         assert torch.equal(ptq.fake_quantize(w, ptq.QuantSpec.mxint(4), backend="torch"), w), name

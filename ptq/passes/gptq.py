@@ -168,6 +168,17 @@ class GPTQPass:
     # ---- entry ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, model: nn.Module, recipe: "Recipe", ctx: PassContext) -> dict:
+        homes = [(t, t.device) for t in list(model.parameters()) + list(model.buffers())]
+        try:
+            return self._run(model, recipe, ctx)
+        finally:
+            # Module.to() can rebind tied parameters (embed_tokens / lm_head) so that moving one module back leaves
+            # the shared tensor behind; put every tensor back where it was, by identity.
+            for t, dev in homes:
+                if t.device != dev:
+                    t.data = t.data.to(dev)
+
+    def _run(self, model: nn.Module, recipe: "Recipe", ctx: PassContext) -> dict:
         cfg = recipe.gptq
         if cfg is None:
             raise PtqError("the gptq pass needs a [gptq] table in the recipe")
