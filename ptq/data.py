@@ -156,3 +156,19 @@ def calibration_key(source, nsamples: int, seqlen: int, seed: int, bos_id: int |
     """A hashable key for memoising calibration windows in ``PassContext.calibration``."""
     src = source if isinstance(source, str) else digest_json(list(source))
     return (src, split, nsamples, seqlen, seed, bos_id)
+
+
+def shared_calibration_windows(memo: dict, tokenizer, source, nsamples: int, seqlen: int, seed: int = 0,
+                               data_dir=None) -> tuple[torch.Tensor, int | None]:
+    """``calibration_windows`` memoised in ``memo`` (a pass context's ``calibration`` dict), so passes asking for the
+    same windows share one copy. Windows start with the model's BOS (``ptq.models.default_bos_id``).
+
+    Returns (windows, bos_id)."""
+    from ptq.models import default_bos_id
+
+    bos = default_bos_id(tokenizer)
+    key = calibration_key(source, nsamples, seqlen, seed, bos)
+    if key not in memo:
+        memo[key] = calibration_windows(tokenizer, source, nsamples, seqlen, seed=seed, data_dir=data_dir,
+                                        bos_id=bos)
+    return memo[key], bos

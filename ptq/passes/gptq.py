@@ -298,17 +298,8 @@ class GPTQPass:
                 raise PtqError(f"GPTQ could not load a tokenizer from {name!r} ([gptq].model_name or the model's "
                                f"_name_or_path): {err}. Pass tokenizer=... instead") from None
             ctx.tokenizer = tok
-        try:
-            from ptq.models import default_bos_id
-        except ImportError:  # pragma: no cover - ptq.models ships with ptq
-            def default_bos_id(t):
-                return getattr(t, "bos_token_id", None)
-        bos = default_bos_id(tok)
-        key = data.calibration_key(cfg.dataset, cfg.nsamples, cfg.seqlen, cfg.seed, bos)
-        if key not in ctx.calibration:
-            ctx.calibration[key] = data.calibration_windows(
-                tok, cfg.dataset, cfg.nsamples, cfg.seqlen, seed=cfg.seed, data_dir=ctx.data_dir, bos_id=bos)
-        tokens = ctx.calibration[key]
+        tokens, bos = data.shared_calibration_windows(ctx.calibration, tok, cfg.dataset, cfg.nsamples, cfg.seqlen,
+                                                      seed=cfg.seed, data_dir=ctx.data_dir)
         src = cfg.dataset if isinstance(cfg.dataset, str) else f"list of {len(cfg.dataset)} strings " \
             f"({digest_json(list(cfg.dataset))[:16]})"
         fp = {"dataset": src, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed, "bos_id": bos,

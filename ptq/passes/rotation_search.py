@@ -332,17 +332,8 @@ class RotationSearchPass:
         if tok is None:
             raise PtqError("rotation_search needs a tokenizer for its calibration text: pass tokenizer=... to "
                            "quantize_module_transform_pass")
-        try:
-            from ptq.models import default_bos_id
-        except ImportError:  # pragma: no cover - ptq.models ships with ptq
-            def default_bos_id(t):
-                return getattr(t, "bos_token_id", None)
-        bos = default_bos_id(tok)
-        key = data.calibration_key(cfg.dataset, cfg.calib_nsamples, cfg.calib_seqlen, cfg.seed, bos)
-        if key not in ctx.calibration:
-            ctx.calibration[key] = data.calibration_windows(
-                tok, cfg.dataset, cfg.calib_nsamples, cfg.calib_seqlen, seed=cfg.seed, data_dir=ctx.data_dir,
-                bos_id=bos)
+        windows, bos = data.shared_calibration_windows(ctx.calibration, tok, cfg.dataset, cfg.calib_nsamples,
+                                                       cfg.calib_seqlen, seed=cfg.seed, data_dir=ctx.data_dir)
         src = cfg.dataset if isinstance(cfg.dataset, str) else list(cfg.dataset)
-        return ctx.calibration[key], {"dataset": src, "nsamples": cfg.calib_nsamples, "seqlen": cfg.calib_seqlen,
-                                      "seed": cfg.seed, "bos_id": bos}
+        return windows, {"dataset": src, "nsamples": cfg.calib_nsamples, "seqlen": cfg.calib_seqlen,
+                         "seed": cfg.seed, "bos_id": bos}
