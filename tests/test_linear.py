@@ -221,3 +221,157 @@ def test_cache_built_under_inference_mode_serves_autograd_later(lin, x):
     y.sum().backward()
     assert bits_equal(y.detach(), y0)
     torch.testing.assert_close(xg.grad, fake_quantize(lin.weight.detach(), W4).sum(0).expand_as(x), rtol=0, atol=1e-5)
+
+
+# ---- shared prepared inputs (q/k/v_proj, gate/up_proj) --------------------------------------------------------------
+def siblings(n=3, cfg=LinearQuantConfig(weight=W4, data_in=W4), rotations=None, mode="matched"):
+    """``n`` LinearMX on one input size, linked by one memo, and an unlinked twin of each (same parameters)."""
+    from ptq.modules.linear import SharedInputMemo
+
+    torch.manual_seed(0)
+    linked, plain = [], []
+    memo = SharedInputMemo(n)
+    for i in range(n):
+        base = nn.Linear(96, 24 + 8 * i)
+        a, b = LinearMX.from_linear(base, cfg), LinearMX.from_linear(base, cfg)
+        rot = rotations[i] if rotations else None
+        a.set_rotation(rot, mode)
+        b.set_rotation(rot, mode)
+        a.set_input_memo(memo)
+        linked.append(a)
+        plain.append(b)
+    return linked, plain, memo
+
+
+def count_prepares(monkeypatch):
+    calls = []
+    real = LinearMX._prepare_input
+
+    def spy(self, x):
+        calls.append(self)
+        return real(self, x)
+
+    monkeypatch.setattr(LinearMX, "_prepare_input", spy)
+    return calls
+
+
+def run_all(mods, x):
+    return [m(x) for m in mods]
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode", "autograd"])
+def test_shared_input_is_prepared_once_and_bit_identical(x, monkeypatch, grad_mode):
+    linked, plain, memo = siblings()
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "autograd": torch.enable_grad}[grad_mode]
+    xin = x.clone().requires_grad_(grad_mode == "autograd")
+    calls = count_prepares(monkeypatch)
+    with ctx():
+        want = run_all(plain, xin)
+        assert len(calls) == 3
+        got = run_all(linked, xin)
+    assert len(calls) == 4 and calls[3] is linked[0]
+    assert all(bits_equal(g.detach(), w.detach()) for g, w in zip(got, want))
+    assert not memo.holds_input  # the last sibling dropped it
+    if grad_mode == "autograd":
+        g1 = torch.autograd.grad(sum(o.sum() for o in got), xin)[0]
+        g2 = torch.autograd.grad(sum(o.sum() for o in want), xin)[0]
+        torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_input_counts_activation_quantizations(x, monkeypatch):
+    linked, plain, _ = siblings()
+    seen = []
+    real = ptq.quantizers.fake_quantize
+    monkeypatch.setattr(ptq.quantizers, "fake_quantize", lambda t, spec, **kw: seen.append(t.shape) or real(t, spec,
+                                                                                                          **kw))
+    with torch.no_grad():
+        run_all(linked, x)  # weights: once each (cached); the activation: once
+        n_first = sum(s == x.shape for s in seen)
+        run_all(linked, x.clone())
+    assert n_first == 1 and sum(s == x.shape for s in seen) == 2
+
+
+def test_shared_input_sees_in_place_edits_and_other_tensors(x, monkeypatch):
+    linked, plain, memo = siblings()
+    calls = count_prepares(monkeypatch)
+    with torch.no_grad():
+        xin = x.clone()
+        a = linked[0](xin)
+        xin.mul_(0.5)  # bumps _version: the stored input is stale
+        b = linked[1](xin)
+        c = linked[2](x)  # another tensor with other values
+        assert len(calls) == 3
+        assert bits_equal(a, plain[0](x)) and bits_equal(b, plain[1](xin)) and bits_equal(c, plain[2](x))
+        # same values but a different tensor object: no reuse (ids and data pointers can be recycled)
+        linked[0](x)
+        n = len(calls)
+        linked[1](x.clone())
+        assert len(calls) == n + 1
+    # a result made without autograd never serves a forward with autograd
+    xg = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        linked[0](xg)
+    out = linked[1](xg)
+    assert out.requires_grad and out.grad_fn is not None
+
+
+def test_shared_input_needs_equal_spec_rotation_and_mode(x, monkeypatch):
+    A, B = OrthoRotation(96, seed=1), OrthoRotation(96, seed=2)
+    cases = [  # (rotations, modes, configs) -> number of preparations for q, k, v
+        ([A, A, A], None, None, 1),
+        ([A, B, A], None, None, 3),  # k's rotation differs: nothing shared (v cannot reach past k)
+        ([A, A, B], None, None, 2),
+        ([A, A, A], "activation_only", None, 1),
+        ([None, None, None], None, [LinearQuantConfig(weight=W4, data_in=W4), LinearQuantConfig(weight=W4,
+                                    data_in=A8), LinearQuantConfig(data_in=A8)], 2),
+    ]
+    for rots, mode, cfgs, want_calls in cases:
+        linked, plain, memo = siblings(rotations=rots, mode=mode or "matched")
+        for lm, pm, cfg in zip(linked, plain, cfgs or [None] * 3):
+            if cfg is not None:
+                lm.set_config(cfg)
+                pm.set_config(cfg)
+        calls = count_prepares(monkeypatch)
+        with torch.no_grad():
+            got, want = run_all(linked, x), run_all(plain, x)
+        assert len(calls) - 3 == want_calls, (rots, mode)
+        assert all(bits_equal(g, w) for g, w in zip(got, want))
+        monkeypatch.undo()
+
+
+def test_shared_input_memory_is_released(x):
+    linked, _, memo = siblings()
+    with torch.no_grad():
+        xin = x.clone()
+        linked[0](xin)
+        assert memo.holds_input
+        del xin  # the input is gone: so is its prepared version
+        assert not memo.holds_input
+        linked[0](x)
+        linked[0].set_input_memo(None)  # unlinking clears too
+        assert not memo.holds_input
+    # a bypassed input is never stored (it is the input itself)
+    linked, _, memo = siblings(cfg=LinearQuantConfig(weight=W4))
+    with torch.no_grad():
+        linked[0](x)
+    assert not memo.holds_input
+
+
+def test_shared_input_memo_copies_start_empty(x):
+    import copy
+    import pickle
+
+    from ptq.modules.linear import SharedInputMemo
+
+    linked, plain, memo = siblings()
+    with torch.no_grad():
+        linked[0](x)
+    twins = copy.deepcopy(nn.ModuleList(linked))
+    assert twins[0].input_memo is twins[2].input_memo and twins[0].input_memo is not memo
+    assert not twins[0].input_memo.holds_input and memo.holds_input
+    assert not pickle.loads(pickle.dumps(memo)).holds_input
+    with pytest.raises(ModelError, match="at least 2"):
+        SharedInputMemo(1)
+    with pytest.raises(ModelError, match="SharedInputMemo"):
+        linked[0].set_input_memo(object())

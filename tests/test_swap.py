@@ -182,3 +182,111 @@ def test_rtn_recipe_swaps_the_decoder(arch, request):
     # running the pass again reconfigures in place
     again = SwapPass().run(model, recipe, PassContext(progress=False))
     assert again["swapped"] == [] and len(again["reconfigured"]) == 8 * n_layers
+
+
+# ---- shared prepared inputs -----------------------------------------------------------------------------------------
+def rtn_swapped(stories260k):
+    recipe = pytest.importorskip("ptq.recipe").load_recipe(ROOT / "recipes" / "w4a4kv4.toml")
+    model = stories260k[0]
+    info = SwapPass().run(model, recipe, PassContext(progress=False))
+    return model, info
+
+
+def forward_with_counts(model, ids, monkeypatch):
+    """Logits, names of the linears that prepared their input, and the number of `fake_quantize` calls."""
+    import ptq.quantizers
+    from ptq.modules.linear import LinearMX as L
+
+    names = {id(m): n for n, m in model.named_modules()}
+    prepared, quantized = [], []
+    real_prepare, real_fq = L._prepare_input, ptq.quantizers.fake_quantize
+    monkeypatch.setattr(L, "_prepare_input", lambda self, x: prepared.append(names[id(self)]) or real_prepare(self, x))
+    monkeypatch.setattr(ptq.quantizers, "fake_quantize", lambda t, s, **kw: quantized.append(1) or real_fq(t, s, **kw))
+    with torch.no_grad():
+        logits = model(ids).logits
+    monkeypatch.undo()
+    return logits, prepared, len(quantized)
+
+
+def test_swap_links_siblings_and_sharing_is_bit_identical(stories260k, monkeypatch):
+    from ptq.passes.swap import unlink_shared_inputs
+
+    model, info = rtn_swapped(stories260k)
+    n = model.config.num_hidden_layers
+    assert info["shared_inputs"] == [g for i in range(n) for g in (
+        [f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"],
+        [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")])]
+    assert model.model.layers[0].self_attn.o_proj.input_memo is None
+    ids = torch.tensor([[1, 5, 9, 22, 40, 7, 300, 12, 77, 3, 2, 500]])
+    forward_with_counts(model, ids, monkeypatch)  # warm the weight caches: count activations only
+    shared, prepared, n_shared = forward_with_counts(model, ids, monkeypatch)
+    per_layer = {p.split(".", 3)[3] for p in prepared if p.startswith("model.layers.0.")}
+    assert per_layer == {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"}
+    assert len(prepared) == 4 * n
+    unlink_shared_inputs(model)
+    plain, prepared, n_plain = forward_with_counts(model, ids, monkeypatch)
+    assert len(prepared) == 7 * n and n_plain - n_shared == 3 * n
+    torch.testing.assert_close(shared, plain, rtol=0, atol=0)
+    assert torch.equal(shared.view(torch.int32), plain.view(torch.int32))
+    # swapping again (idempotent) links them again
+    info = swap_modules(model, {"model.layers.0.mlp.up_proj": RTN})
+    assert len(info["shared_inputs"]) == 2 * n
+
+
+def test_sharing_with_per_linear_rotations_is_bit_identical(stories260k, monkeypatch):
+    from ptq.modules.rotation import HadamardRotation
+    from ptq.passes.swap import link_shared_inputs, unlink_shared_inputs
+
+    model, _ = rtn_swapped(stories260k)
+    full, block = HadamardRotation(64), HadamardRotation(64, "block", 32)
+    for i, layer in enumerate(model.model.layers):  # q, k, v: equal, partly equal or all different rotations
+        a = layer.self_attn
+        rots = [(full, full, full), (full, block, full), (full, full, block), (None, full, full),
+                (block, block, block)][i % 5]
+        for lin, rot in zip((a.q_proj, a.k_proj, a.v_proj), rots):
+            lin.set_rotation(rot, "activation_only" if i == 4 else "matched")
+        layer.mlp.gate_proj.set_rotation(full if i % 2 else None)
+    ids = torch.tensor([[1, 5, 9, 22, 40, 7, 300, 12, 77, 3, 2, 500]])
+    forward_with_counts(model, ids, monkeypatch)
+    shared, prepared, _ = forward_with_counts(model, ids, monkeypatch)
+    unlink_shared_inputs(model)
+    plain, _, _ = forward_with_counts(model, ids, monkeypatch)
+    assert torch.equal(shared.view(torch.int32), plain.view(torch.int32))
+    qkv = [sum(p.startswith(f"model.layers.{i}.self_attn.") and p[-6] in "qkv" for p in prepared)
+           for i in range(5)]
+    assert qkv == [1, 3, 2, 2, 1]
+    gate_up = [sum(p.startswith(f"model.layers.{i}.mlp.") and "down" not in p for p in prepared) for i in range(5)]
+    assert gate_up == [1, 2, 1, 2, 1]
+    assert len(link_shared_inputs(model)) == 10
+
+
+def test_gptq_results_are_identical_with_and_without_sharing(stories260k_path, tmp_path, monkeypatch):
+    """GPTQ's Hessian hooks call `prepare_input` next to the forwards: sharing must not change a single weight."""
+    import ptq
+    import ptq.passes.swap as swap_mod
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = tmp_path / "gptq.toml"
+    recipe.write_text(
+        f'extends = "{ROOT / "recipes" / "w4a4kv4.toml"}"\n'
+        '[gptq]\ndataset = "tinystories"\nnsamples = 4\nseqlen = 32\ncali_batch_size = 2\n'
+        '[gptq.weight_config]\nweight_block_size = 32\nweight_width = 4\n'
+        "['model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj']\ngptq = true\n"
+        "['model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj']\ngptq = true\n")
+    ids = torch.tensor([[1, 5, 9, 22, 40, 7, 300, 12]])
+    results = []
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(swap_mod, "link_shared_inputs", lambda m: swap_mod.unlink_shared_inputs(m) or [])
+        model = AutoModelForCausalLM.from_pretrained(stories260k_path, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(stories260k_path)
+        model, _ = ptq.quantize_module_transform_pass(model, recipe, tokenizer=tok, device="cpu", progress=False)
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, LinearMX)}
+        assert all(m.has_gptq_weight for m in linears.values())
+        assert (linears["model.layers.0.self_attn.k_proj"].input_memo is None) is not share
+        with torch.no_grad():
+            results.append(({n: m.effective_weight().clone() for n, m in linears.items()}, model(ids).logits))
+    (w_shared, y_shared), (w_plain, y_plain) = results
+    for n in w_shared:
+        assert torch.equal(w_shared[n].view(torch.int32), w_plain[n].view(torch.int32)), n
+    assert torch.equal(y_shared.view(torch.int32), y_plain.view(torch.int32))

@@ -12,11 +12,18 @@ Weight and input are blocked along in_features (the reduction axis of the matmul
 the last dim. The effective weight (rotated, quantized, in the weight's dtype) is computed once, without autograd,
 and cached; the cache is dropped when the weight's data changes (``_version`` / ``data_ptr`` / device / dtype), when
 the rotation or the config changes. A weight set by GPTQ (`set_quantized_weight`) is used as is, never re-quantized.
+
+Sibling linears that read the same input (q/k/v_proj, gate/up_proj) can share one prepared input through a
+`SharedInputMemo` (installed by the swap pass, see `LinearMX.set_input_memo`): the first sibling stores
+``prepare_input(x)`` and the others reuse it when they get the very same tensor object, unchanged, with the same
+data_in spec, rotation and rotation mode. The result is bit-identical, since the prepared input is a pure function
+of those (stochastic rounding draws its noise from ``spec.seed``).
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Literal
 
 import torch
@@ -48,6 +55,82 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     """Changes whenever the tensor's data may have changed (in-place edits bump ``_version``; `.to` / `.data =`
     change ``data_ptr``)."""
     return (t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
+
+
+def _input_state(x: torch.Tensor) -> tuple:
+    """What must be unchanged for a prepared input of ``x`` to be reused. Inference tensors track no version
+    counter, so in-place edits of one are not seen (the memo's short lifetime limits that window, see
+    `SharedInputMemo`); the grad modes are included so a result made without autograd never serves a forward
+    with it, nor an inference tensor a normal one."""
+    version = None if x.is_inference() else x._version
+    return (version, x.data_ptr(), x.device, x.dtype, x.shape, x.stride(), torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled())
+
+
+class SharedInputMemo:
+    """Holds at most one prepared input for a group of ``size`` sibling `LinearMX` modules that read one tensor.
+
+    An entry is reused only for the same tensor object (a weak reference: ids are recycled), with unchanged
+    `_input_state`, and the same key (data_in spec, rotation object, rotation mode). It is dropped as soon as
+    every member has used it, when its input tensor is freed, or when a member stores another one (a miss clears
+    the old entry before computing, so never more than one prepared input per group is alive). Rotations are
+    treated as immutable once installed, as the weight cache does. Copies and pickles start empty.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 2:
+            raise ModelError(f"a SharedInputMemo links at least 2 linears, got size={size}")
+        self.size = size
+        self._entry: tuple | None = None  # (weakref to the input, _input_state, key, prepared input)
+        self._users: set[int] = set()  # ids of the members that used the entry
+
+    def clear(self) -> None:
+        """Drop the stored prepared input."""
+        self._entry = None
+        self._users = set()
+
+    @property
+    def holds_input(self) -> bool:
+        return self._entry is not None
+
+    def lookup(self, user: nn.Module, x: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        """The prepared input stored for ``x`` under ``key``, or None (and then the stale entry is dropped)."""
+        entry = self._entry
+        if entry is None:
+            return None
+        ref, state, stored_key, out = entry
+        if ref() is not x or state != _input_state(x) or stored_key != key:
+            self.clear()
+            return None
+        self._used_by(user)
+        return out
+
+    def store(self, user: nn.Module, x: torch.Tensor, key: tuple, out: torch.Tensor) -> None:
+        """Remember ``out = prepare_input(x)`` for the other members."""
+        self.clear()
+        if out is x:  # a pass-through: nothing to save, and holding x would keep it alive
+            return
+        self._entry = (weakref.ref(x, self._input_freed), _input_state(x), key, out)
+        self._used_by(user)
+
+    def _used_by(self, user: nn.Module) -> None:
+        self._users.add(id(user))
+        if len(self._users) >= self.size:
+            self.clear()
+
+    def _input_freed(self, ref: weakref.ref) -> None:
+        if self._entry is not None and self._entry[0] is ref:
+            self.clear()
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.size = state["size"]
+        self.clear()
+
+    def __repr__(self) -> str:
+        return f"SharedInputMemo(size={self.size})"
 
 
 class LinearMX(nn.Module):
@@ -83,6 +166,7 @@ class LinearMX(nn.Module):
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
         self._bias_cache: tuple[tuple, torch.Tensor] | None = None
         self._rotation_epoch = 0  # bumped by set_rotation: part of the weight cache key
+        self._input_memo: SharedInputMemo | None = None
         self.cfg = LinearQuantConfig()
         self.set_config(cfg if cfg is not None else LinearQuantConfig())
 
@@ -135,6 +219,18 @@ class LinearMX(nn.Module):
             self._rotation_epoch += 1
             self._weight_cache = None
 
+    def set_input_memo(self, memo: SharedInputMemo | None) -> None:
+        """Share prepared inputs with the other linears holding ``memo`` (None: prepare every input here)."""
+        if memo is not None and not isinstance(memo, SharedInputMemo):
+            raise ModelError(f"set_input_memo needs a SharedInputMemo or None, got {type(memo).__name__}")
+        if self._input_memo is not None:
+            self._input_memo.clear()
+        self._input_memo = memo
+
+    @property
+    def input_memo(self) -> SharedInputMemo | None:
+        return self._input_memo
+
     # ---- the pieces GPTQ / export use ----------------------------------------------------------------------------
     @property
     def _rotates_weight(self) -> bool:
@@ -150,7 +246,19 @@ class LinearMX(nn.Module):
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the matmul sees on the input side: ``Q_in(rot(x))`` (matched), ``rot.inverse(Q_in(rot(x)))``
-        (activation_only) or ``Q_in(x)``."""
+        (activation_only) or ``Q_in(x)``; taken from the shared input memo when a sibling prepared it."""
+        memo = self._input_memo
+        rot = self.rotation
+        if memo is None or (rot is None and self.cfg.data_in is None):
+            return self._prepare_input(x)
+        key = (self.cfg.data_in, rot, self.rotation_mode if rot is not None else None)
+        out = memo.lookup(self, x, key)
+        if out is None:
+            out = self._prepare_input(x)
+            memo.store(self, x, key, out)
+        return out
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         rot = self.rotation
         if rot is None:
             return _fake_quantize(x, self.cfg.data_in)
@@ -213,6 +321,8 @@ class LinearMX(nn.Module):
             self._gptq_weight = fn(self._gptq_weight)
         self._weight_cache = None
         self._bias_cache = None
+        if self._input_memo is not None:
+            self._input_memo.clear()
         return out
 
     def extra_repr(self) -> str:
@@ -228,6 +338,8 @@ class LinearMX(nn.Module):
             parts.append(f"bias_q={c.bias or 'bypass'}")
         if self.rotation is not None:
             parts.append(f"rotation={type(self.rotation).__name__}({self.rotation_mode})")
+        if self._input_memo is not None:
+            parts.append(f"shared_input={self._input_memo.size}")
         if c.gptq or self._gptq_weight is not None:
             parts.append("gptq=" + ("done" if self._gptq_weight is not None else "pending"))
         return ", ".join(parts)

@@ -3,6 +3,10 @@
 Modules are replaced with ``setattr`` on their parent; the new modules share the original parameters, so the model
 is not copied and keeps its device and dtype. An already swapped module is reconfigured, never wrapped twice, so
 running the pass again (e.g. with an edited recipe) is idempotent.
+
+Afterwards, sibling `LinearMX` modules known to read one input tensor (``q/k/v_proj`` and ``gate/up_proj`` of one
+parent) get a shared `SharedInputMemo`, so that input is rotated and quantized once per forward instead of once per
+linear (`link_shared_inputs`); the memo checks at run time that the input, its spec and its rotation really match.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from torch import nn
 
 from ptq.config import AttentionQuantConfig, LinearQuantConfig
 from ptq.errors import ModelError
-from ptq.modules.linear import LinearMX
+from ptq.modules.linear import LinearMX, SharedInputMemo
 from ptq.passes.base import PassContext, register_pass
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,6 +109,41 @@ def _apply_one(model: nn.Module, name: str, module: nn.Module, cfg, action: str)
     return new
 
 
+# Children of one module that the supported architectures call on the same tensor object.
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def link_shared_inputs(model: nn.Module) -> list[list[str]]:
+    """Give each group of sibling `LinearMX` modules of `SHARED_INPUT_GROUPS` (at least two of a group under one
+    parent, with equal in_features) one fresh `SharedInputMemo`; every other `LinearMX` gets none. Sharing happens
+    only when a forward passes them the same tensor with the same data_in spec and rotation, so this never changes
+    a result. Returns the linked groups (module names)."""
+    linked: list[list[str]] = []
+    for parent_name, parent in model.named_modules():
+        for group in SHARED_INPUT_GROUPS:
+            members = [(c, getattr(parent, c, None)) for c in group]
+            members = [(c, m) for c, m in members if isinstance(m, LinearMX) and parent._modules.get(c) is m]
+            if len({m.in_features for _, m in members}) > 1:
+                members = []
+            memo = SharedInputMemo(len(members)) if len(members) >= 2 else None
+            for _, m in members:
+                m.set_input_memo(memo)
+            if memo is not None:
+                linked.append([f"{parent_name}.{c}" if parent_name else c for c, _ in members])
+    linked_ids = {id(model.get_submodule(n)) for g in linked for n in g}
+    for m in model.modules():
+        if isinstance(m, LinearMX) and id(m) not in linked_ids:
+            m.set_input_memo(None)
+    return linked
+
+
+def unlink_shared_inputs(model: nn.Module) -> None:
+    """Remove every `SharedInputMemo`: each `LinearMX` prepares its own input again."""
+    for m in model.modules():
+        if isinstance(m, LinearMX):
+            m.set_input_memo(None)
+
+
 def _move_accelerate_hook(old: nn.Module, new: nn.Module) -> None:
     """Models loaded with a ``device_map`` carry accelerate hooks that move inputs to the module's device; the
     replacement gets the same hook (attached to it, so it wraps the quantized forward)."""
@@ -124,7 +163,8 @@ def swap_modules(model: nn.Module, mapping: dict[str, LinearQuantConfig | Attent
     Returns a JSON-friendly dict: ``swapped`` (names newly replaced), ``reconfigured`` (names swapped before, given
     the new config), ``skipped`` (bypass selectors on modules of no swappable kind), ``counts``
     (``"LlamaAttention -> LlamaAttentionMX"`` / ``"LinearMX (reconfigured)"`` -> n), ``configs`` (config label -> n),
-    ``eager_attention`` (attention modules that run the quantized eager path).
+    ``eager_attention`` (attention modules that run the quantized eager path), ``shared_inputs`` (the groups of
+    sibling linears that share one prepared input, see `link_shared_inputs`).
     """
     from ptq.modules.attention import AttentionMX
 
@@ -153,7 +193,9 @@ def swap_modules(model: nn.Module, mapping: dict[str, LinearQuantConfig | Attent
         configs[_config_label(cfg)] += 1
         if isinstance(module, AttentionMX) and module.eager:
             eager.append(name)
-    return {**report, "counts": dict(counts), "configs": dict(configs), "eager_attention": eager}
+    shared = link_shared_inputs(model)
+    return {**report, "counts": dict(counts), "configs": dict(configs), "eager_attention": eager,
+            "shared_inputs": shared}
 
 
 @register_pass
