@@ -289,6 +289,68 @@ def test_nvfp4_global_scale_kernel_matches_reference(dtype):
         assert got.shape == (1,) and torch.equal(got.view(torch.int32), want.reshape(1).view(torch.int32)), seed
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_nvfp4_global_scale_extreme_amax(dtype):
+    """Amax whose g = amax / 2688 is subnormal or underflows to 0 (g = 1), the largest finite amax, all non-finite."""
+    from ptq.kernels.mx_quant import nvfp4_global_scale_fast
+    from ptq.quantizers import nvfp4_global_scale
+
+    info = torch.finfo(dtype)
+    cases = [torch.full((7,), info.tiny, dtype=dtype), torch.full((7,), info.max, dtype=dtype),
+             torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)]
+    if dtype != torch.float16:
+        cases.append(torch.tensor([2.0 ** -126 * 2688.5, -3e-38, 1e-39], dtype=torch.float32).to(dtype))
+    sub = info.smallest_normal * torch.tensor([0.5, 2.0 ** -5, -0.75])  # input subnormals
+    cases.append(sub.to(dtype))
+    for t in cases:
+        t = t.to(DEVICE)
+        got, want = nvfp4_global_scale_fast(t), nvfp4_global_scale(t)
+        assert torch.equal(got.view(torch.int32), want.reshape(1).view(torch.int32)), (t, got, want)
+
+
+def test_nvfp4_global_scale_reduces_many_partials():
+    """The one-program finalize loops over more partial maxima than its tile (several iterations, a partial last)."""
+    from ptq.kernels.mx_quant import EXACT_FP_OPTIONS, _global_scale_kernel
+
+    seed, gen = fresh_generator()
+    partial = torch.rand(2500, generator=gen) * 100.0
+    partial[2499] = 1234.5  # the maximum sits in the masked last tile
+    buf = torch.cat([partial, torch.zeros(1)]).to(DEVICE)
+    _global_scale_kernel[(1,)](buf, buf[2500:], 2500, DIVISOR=2688.0, BLOCK=1024, NITER=4, num_warps=4, **EXACT_FP_OPTIONS)
+    want = torch.tensor(1234.5) / torch.tensor(2688.0)
+    assert buf[2500].item() == want.item(), seed
+
+
+def test_interpreter_never_gets_the_hardware_bf16_cast():
+    """The interpreter's fp32 -> bf16 cast truncates: on the CPU every bf16 output is rounded by bit manipulation;
+    on a GPU, formats whose outputs need rounding use the hardware's round-to-nearest-even cvt."""
+    from ptq.kernels.mx_quant import OUT_BF16_BITS, OUT_BF16_HW, OUT_NATIVE, _launch_constants, _out_kind
+
+    for name in ("nvfp4", "int4_sym", "mxint4"):
+        k = _launch_constants(SPECS[name], None)
+        assert _out_kind(torch.zeros(1), True, k) == OUT_BF16_BITS
+        assert _out_kind(torch.zeros(1), False, k) == OUT_NATIVE
+        if CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+            want = OUT_BF16_BITS if k.kwargs["BF16_EXACT"] else OUT_BF16_HW
+            assert _out_kind(torch.zeros(1, device="cuda"), True, k) == want
+
+
+@pytest.mark.parametrize("spec", [QuantSpec.int_(4, 32), QuantSpec.int_(4, 32, rounding="nearest"),
+                                  QuantSpec.int_(4, 32, rounding="floor"), QuantSpec.int_(16, 32)], ids=str)
+def test_int_symmetric_zero_signs_and_half_integers(spec):
+    """int sym: zeros (of either sign, and elements rounding to 0) come out +0; quotients at exact half-integers
+    round as the mode says; the block's amax maps to +-LEVELS; tiny (subnormal-scale) and huge blocks."""
+    B = spec.block_size
+    row = torch.zeros(B)
+    row[0] = 7.0  # amax: scale = 1 exactly, so x / scale = x
+    halves = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 3.5, 6.5, -6.5, 0.49999997, -0.0, 0.25, -0.25, 7.0])
+    row[1:1 + halves.numel()] = halves
+    scaled = torch.stack([row, row * 2.0 ** -140, row * 2.0 ** 100, -row * 3.0, row / 7.0 * 1e-38])
+    for dtype in DTYPES:
+        x = scaled.to(dtype).to(DEVICE)
+        assert_bit_exact(K.triton_fake_quantize(x, spec), reference_fake_quantize(x, spec), str(dtype))
+
+
 # ---- packed codes vs reference ---------------------------------------------------------------------------------
 def _reference_packed(x, spec):
     q = quantize(x, spec)

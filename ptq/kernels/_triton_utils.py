@@ -61,13 +61,17 @@ def exp2i_normal(e):
 
 
 @triton.jit
-def round_magnitude(a, u, ROUNDING: tl.constexpr):
+def round_magnitude(a, u, ROUNDING: tl.constexpr, BOUNDED: tl.constexpr = False):
     """Round ``a >= 0`` (fp32) to an integer-valued fp32 with rounding mode ``ROUNDING``.
 
     Half-even results are exact for a <= 2^22 and capped at 2^22 above (callers saturate far below that).
+    ``BOUNDED``: the caller guarantees a <= 2^22, so the cap (one instruction per element) is left out.
     """
     if ROUNDING == 0:
-        r = (tl.minimum(a, 4194304.0) + 12582912.0) - 12582912.0
+        if BOUNDED:
+            r = (a + 12582912.0) - 12582912.0
+        else:
+            r = (tl.minimum(a, 4194304.0) + 12582912.0) - 12582912.0
     elif ROUNDING == 1:
         r = tl.floor(a)
         r = tl.where(a - r >= 0.5, r + 1.0, r)  # a - floor(a) is exact
