@@ -6,11 +6,18 @@ For every linear shape of SmolLM2-135M (576x576, 576->1536, 1536->576, 576->192)
 4096->14336, 14336->4096, 4096->1024) and M = 1, 16, 256, 2048 tokens: the median time (``triton.testing.do_bench``,
 which flushes the L2 cache before every run, so weights come from HBM as in a real decode step) of
 - bf16 ``F.linear`` (cuBLAS): the baseline,
-- the packed Triton GEMM (autotuned per shape on the first call; compile + tuning time is excluded),
+- the packed Triton GEMM (autotuned per shape on the first call; compile + tuning time is excluded: the timed function
+  has been called before, with the same shapes, so the autotuner's key is already cached and nothing recompiles),
 - the torch backend without its cache (``dequantize`` then ``F.linear``: what the first call costs),
 with the speed-up over bf16, the effective weight bandwidth of the packed kernel, and its max relative error against
 ``x @ dequantize(W)^T`` in fp64 (checked on fresh random data; the output is poisoned with NaN first). The target is
 >= 2.5x over bf16 at M <= 16 for the large shapes.
+
+Two timings per case: "eager" (``do_bench``: a Python call per run, so a launcher whose host time exceeds the GPU time
+shows up as idle GPU time) and "graph" (the same call captured once in a CUDA graph and replayed after an L2 flush:
+the GPU time alone, as a graph-captured decode step sees it). "host us" is the launcher's Python time per call
+(many calls queued without synchronising). The MXFP4 scale-path parameter (the largest scale code) is computed once per
+weight, as `PackedLinear` does, so no timed call synchronises with the device.
 
 With ``--model DIR`` (default: $PTQ_SMOLLM2 when set) it also quantizes that model with ``recipes/mxfp4.toml``,
 exports it, reports the bits per weight of the packed linears from the file, reloads it and compares the perplexity
@@ -58,10 +65,55 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _bench_graph(fn, reps: int = 100) -> float:
+    """Median milliseconds of one CUDA-graph replay of ``fn`` after an L2 flush (GPU time, no launcher overhead);
+    NaN when ``fn`` cannot be captured (e.g. it synchronises with the device)."""
+    if not torch.cuda.is_available():
+        return _bench(fn)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # a capture failure is a finding, not a crash of the whole table
+        print(f"    (CUDA graph capture failed: {type(exc).__name__}: {exc})", flush=True)
+        return float("nan")
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.zero_()  # the GPU is busy with this while the host enqueues the replay: no idle gap is timed
+        starts[i].record()
+        graph.replay()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return float(torch.tensor([a.elapsed_time(b) for a, b in zip(starts, ends)]).median())
+
+
+def _host_us(fn, calls: int = 200) -> float:
+    """Microseconds of host time per call with calls queued back to back (no synchronisation in between)."""
+    if not torch.cuda.is_available():
+        calls = 1  # --cpu-smoke: each interpreted call takes seconds
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = (time.perf_counter() - t0) / calls * 1e6
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return t
+
+
 def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: str = "cuda") -> list[dict]:
     import torch.nn.functional as F
 
-    from ptq.kernels.packed_matmul import packed_matmul
+    from ptq.kernels.packed_matmul import max_scale_code, packed_matmul
     from ptq.modules.packed import PackedLinear
 
     specs = _specs()
@@ -70,15 +122,19 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
     for name, k, n in shapes:
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         packed = {f: PackedLinear.from_weight(w, specs[f]) for f in formats}
+        codes = {f: max_scale_code(packed[f].scales) for f in formats}  # once per weight: one sync, untimed
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             t_bf16 = _bench(lambda: F.linear(x, w))
+            g_bf16 = _bench_graph(lambda: F.linear(x, w))
             for f in formats:
                 p = packed[f]
                 g = p.global_scale.view(torch.float32).reshape(1) if p.global_scale is not None else None
+                code = codes[f]
 
-                def run():
-                    return packed_matmul(x, p.qweight, p.scales, p.weight_spec, n, global_scale=g)
+                def run(xx=x):
+                    return packed_matmul(xx, p.qweight, p.scales, p.weight_spec, n, global_scale=g,
+                                         max_scale_code=code)
 
                 t0 = time.perf_counter()
                 run()  # compile + autotune
@@ -89,11 +145,13 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
                 xc = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 wd = p.dequantized_weight(torch.float32, dev).double()
                 ref = xc.double() @ wd.t()
-                y = packed_matmul(xc, p.qweight, p.scales, p.weight_spec, n, global_scale=g)
-                y2 = packed_matmul(xc, p.qweight, p.scales, p.weight_spec, n, global_scale=g)
+                y = run(xc)
+                y2 = run(xc)
                 rel = ((y.double() - ref).norm() / ref.norm()).item()
                 ok = bool(torch.isfinite(y).all()) and rel < 1e-2 and torch.equal(y, y2)
                 t_tri = _bench(run)
+                g_tri = _bench_graph(run)
+                host = _host_us(run)
                 t_torch = float("nan")
                 if torch_backend:
                     from ptq.quantizers import dequantize
@@ -103,11 +161,13 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
                 wbytes = p.packed_nbytes
                 cfg = getattr(sys.modules["ptq.kernels.packed_matmul"]._autotuned, "best_config", None)
                 rows.append(dict(shape=name, M=m, fmt=f, bf16_ms=t_bf16, triton_ms=t_tri, torch_ms=t_torch,
-                                 speedup=t_bf16 / t_tri, torch_speedup=t_bf16 / t_torch,
+                                 speedup=t_bf16 / t_tri, torch_speedup=t_bf16 / t_torch, bf16_graph_ms=g_bf16,
+                                 triton_graph_ms=g_tri, graph_speedup=g_bf16 / g_tri, host_us=host,
                                  gbps=(wbytes + x.numel() * 2 + m * n * 2) / t_tri / 1e6, rel_err=rel, ok=ok,
                                  tune_s=tune_s, config=str(cfg).replace(", num_ctas: 1", "") if cfg else ""))
                 print(f"  {name:24s} M={m:5d} {f:6s} bf16 {t_bf16*1e3:8.1f}us  triton {t_tri*1e3:8.1f}us "
-                      f"({t_bf16 / t_tri:5.2f}x)  rel_err {rel:.1e} {'ok' if ok else 'FAIL'}  [{rows[-1]['config']}]",
+                      f"({t_bf16 / t_tri:5.2f}x)  graph: bf16 {g_bf16*1e3:7.1f}us triton {g_tri*1e3:7.1f}us "
+                      f"({g_bf16 / g_tri:5.2f}x)  host {host:5.1f}us/call  rel_err {rel:.1e} {'ok' if ok else 'FAIL'}  [{rows[-1]['config']}]",
                       flush=True)
         del packed, w
         if dev.type == "cuda":
@@ -116,21 +176,23 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| shape | M | format | bf16 F.linear (us) | packed Triton (us) | speed-up | weight+io GB/s | "
-          "torch dequant+linear (us) | rel err | ok |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    print("\n| shape | M | format | bf16 F.linear (us) | packed Triton (us) | speed-up | graph: bf16 / Triton (us) | "
+          "graph speed-up | launcher host us/call | weight+io GB/s | torch dequant+linear (us) | rel err | ok |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['M']} | {r['fmt']} | {r['bf16_ms']*1e3:.1f} | {r['triton_ms']*1e3:.1f} | "
-              f"{r['speedup']:.2f}x | {r['gbps']:.0f} | {r['torch_ms']*1e3:.1f} | {r['rel_err']:.1e} | "
-              f"{'ok' if r['ok'] else 'FAIL'} |")
+              f"{r['speedup']:.2f}x | {r['bf16_graph_ms']*1e3:.1f} / {r['triton_graph_ms']*1e3:.1f} | "
+              f"{r['graph_speedup']:.2f}x | {r['host_us']:.1f} | {r['gbps']:.0f} | {r['torch_ms']*1e3:.1f} | "
+              f"{r['rel_err']:.1e} | {'ok' if r['ok'] else 'FAIL'} |")
     small = [r for r in rows if r["M"] <= 16 and r["shape"].startswith("l3")]
     if small:
-        by_fmt = {}
-        for r in small:
-            by_fmt.setdefault(r["fmt"], []).append(r["speedup"])
-        print("\nM <= 16, Llama-3-8B shapes (target >= 2.5x): " + ", ".join(
-            f"{f}: min {min(v):.2f}x / geomean {torch.tensor(v).log().mean().exp().item():.2f}x"
-            for f, v in by_fmt.items()))
+        for col, what in (("speedup", "eager"), ("graph_speedup", "CUDA graph")):
+            by_fmt = {}
+            for r in small:
+                by_fmt.setdefault(r["fmt"], []).append(r[col])
+            print(f"\nM <= 16, Llama-3-8B shapes, {what} (target >= 2.5x): " + ", ".join(
+                f"{f}: min {min(v):.2f}x / geomean {torch.tensor(v).log().mean().exp().item():.2f}x"
+                for f, v in by_fmt.items()))
     bad = [r for r in rows if not r["ok"]]
     print(f"correctness: {len(rows) - len(bad)}/{len(rows)} cases ok" + (f"; FAILED: {bad}" if bad else ""))
 
@@ -209,7 +271,7 @@ def main(argv=None) -> int:
         print_table(rows)
         stories = os.environ.get("PTQ_STORIES260K", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                                   "models", "stories260k"))
-        if os.path.isdir(stories):
+        if os.path.isdir(stories) and not args.no_export:
             export_check(stories, 64, 2, device="cpu")
         return 0 if all(r["ok"] for r in rows) else 1
     if not torch.cuda.is_available():

@@ -138,10 +138,12 @@ def _one_hot_check(name, device, dtype, big=False, config=None):
     p = PackedLinear.from_weight(w.to(device), spec)
     g = p.global_scale.view(torch.float32).reshape(1) if p.global_scale is not None else None
     x = torch.eye(72, device=device, dtype=dtype)
-    y = packed_matmul(x, p.qweight, p.scales, spec, 40, global_scale=g, config=config)
     ref = dequantize(p.qtensor(), dtype=dtype).t() + 0.0  # + 0.0: -0 codes sum to +0
-    assert torch.equal(y, ref)
-    assert same_bits(y + 0.0, ref)
+    # None: MXFP4's general scale path; the cached max code: its one-multiply path when every code is <= 128
+    for code in (None, p._max_scale_code):
+        y = packed_matmul(x, p.qweight, p.scales, spec, 40, global_scale=g, config=config, max_scale_code=code)
+        assert torch.equal(y, ref)
+        assert same_bits(y + 0.0, ref)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -360,3 +362,107 @@ def test_triton_code_emitter_layout_matches_storage(name):
     p._store(pq.codes, pq.scales, pq.global_scale)
     for k in ("qweight", "scales") + (("global_scale",) if name == "nvfp4" else ()):
         assert same_bits(getattr(p, k), getattr(ref, k)), k
+
+
+# ---- per-call overhead: no host syncs on the Triton path -------------------------------------------------------------
+class _HostSync(AssertionError):
+    pass
+
+
+def _forbid_host_syncs(monkeypatch):
+    """Make every Tensor -> Python value conversion (what forces a device sync on CUDA) raise."""
+    def boom(name):
+        def f(self, *a, **k):
+            raise _HostSync(f"host sync: Tensor.{name} called in the per-call path")
+        return f
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, boom(name))
+    monkeypatch.setattr(torch.cuda, "synchronize", boom("cuda.synchronize"))
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("data_in", [None, QuantSpec.mxint(8)])
+def test_triton_forward_performs_no_host_sync(name, data_in, monkeypatch):
+    """The data-dependent launch parameter (MXFP4's largest scale code) is cached when the weight is stored, so a
+    forward (input quantization included) only launches work: the same bits, without reading any device value."""
+    m = _linear_mx(SPECS[name], in_f=72, out_f=40, bias=True, data_in=data_in, dtype=torch.bfloat16)
+    p = PackedLinear.from_linear_mx(m, backend="triton")
+    if name == "mxfp4":
+        assert p._max_scale_code == int(p.scales.max())
+    x = _x(3, 72, dtype=torch.bfloat16)
+    with torch.no_grad():
+        with monkeypatch.context() as mp:
+            _forbid_host_syncs(mp)
+            with pytest.raises(_HostSync):  # the guard itself works
+                bool(x.sum() > 0)
+            y = p(x)  # the first forward too: nothing is computed lazily
+            y2 = p(x)
+        ref = p(x)
+    assert same_bits(y, ref) and same_bits(y2, ref)
+
+
+def test_max_scale_code_is_cached_on_store_and_load_only():
+    from ptq.kernels.packed_matmul import max_scale_code
+
+    w = _x(40, 72, seed=3) * 0.1
+    w[2] *= 1e4  # a block scale above 2: E8M0 code > 128
+    p = PackedLinear.from_weight(w, SPECS["mxfp4"])
+    assert p._max_scale_code == max_scale_code(p.scales) > 128
+    q = PackedLinear(72, 40, SPECS["mxfp4"])
+    assert q._max_scale_code == 0  # zero scales
+    q.load_state_dict(p.state_dict())
+    assert q._max_scale_code == p._max_scale_code
+    q.set_codes(PackedLinear.from_weight(_x(40, 72, seed=3) * 0.1, SPECS["mxfp4"]).qtensor())
+    assert q._max_scale_code == max_scale_code(q.scales) <= 128
+    assert PackedLinear(72, 40, SPECS["nvfp4"])._max_scale_code is None  # E4M3 scales: not used
+    assert PackedLinear(72, 40, SPECS["mxfp4"], device="meta")._max_scale_code is None
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_packed_matmul_is_sync_free_and_scale_paths_agree(big, monkeypatch):
+    """Both MXFP4 scale paths (one multiply for codes <= 128, two otherwise; None = the general one) give the same
+    bits, and neither the call with a cached max_scale_code nor the one without reads a device value."""
+    from ptq.kernels.packed_matmul import max_scale_code, packed_matmul
+
+    spec = SPECS["mxfp4"]
+    w = _x(40, 72, seed=3) * 0.1
+    if big:
+        w[2] *= 1e4
+    p = PackedLinear.from_weight(w, spec)
+    code = max_scale_code(p.scales)
+    x = _x(3, 72, dtype=torch.bfloat16, seed=4)
+    with monkeypatch.context() as mp:
+        _forbid_host_syncs(mp)
+        y_cached = packed_matmul(x, p.qweight, p.scales, spec, 40, max_scale_code=code)
+        y_general = packed_matmul(x, p.qweight, p.scales, spec, 40)
+    assert same_bits(y_cached, y_general)
+    _check_close_to_exact(y_cached, x.float(), p.dequantized_weight(torch.float32))
+    with pytest.raises(QuantSpecError, match="max_scale_code must be a Python int"):
+        packed_matmul(x, p.qweight, p.scales, spec, 40, max_scale_code=p.scales.max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("data_in", [None, QuantSpec.mxint(8)])
+def test_gpu_forward_is_sync_free_and_graph_capturable(name, data_in):
+    """After the first (tuning) call a decode-shaped forward neither synchronises (torch's sync debug mode would
+    raise) nor breaks CUDA graph capture, and replaying the graph gives the eager bits."""
+    m = _linear_mx(SPECS[name], in_f=576, out_f=1536, data_in=data_in, dtype=torch.bfloat16).cuda()
+    p = PackedLinear.from_linear_mx(m, backend="triton")
+    x = torch.randn(1, 576, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = p(x)  # compile + autotune
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = p(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert same_bits(y, ref)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = p(x)
+        g.replay()
+        torch.cuda.synchronize()
+        assert same_bits(yg, ref)

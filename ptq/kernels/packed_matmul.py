@@ -25,8 +25,15 @@ workspace and bumps a per-tile counter; the slice that arrives last sums the par
 is deterministic), writes the output and resets the counter to zero for the next call. The counters are one
 workspace per device, so split-K launches on one device must not run concurrently on several streams.
 
-On CUDA the tile shape and split are autotuned per (M bucket, N, K, format, output dtype); under the interpreter a
-fixed large-tile configuration keeps the number of (slow) interpreted programs small.
+On CUDA the tile shape and split are autotuned per (M bucket, N, K, format, block, output dtype, scale path): every
+key component is a static property of the call's shapes, so a repeated call never re-tunes; after the first tuning of a
+key the launcher keeps the chosen config itself and launches the kernel directly. Under the interpreter a fixed
+large-tile configuration keeps the number of (slow) interpreted programs small.
+
+The per-call path never synchronises with the device: everything data-dependent (the largest E8M0 scale code, which
+picks MXFP4's one-multiply scale path) is computed once by whoever keeps the weight (`max_scale_code`, cached by
+`PackedLinear` when it is built or loaded) and passed in as a Python int. Without it the kernel takes the general
+scale path, which gives the same bits, so a sync is never needed for correctness.
 """
 
 from __future__ import annotations
@@ -44,6 +51,16 @@ FMT_MXFP4, FMT_NVFP4, FMT_MXINT4, FMT_MXINT8 = 0, 1, 2, 3
 MAX_SPLIT_K = 8
 SPLIT_K_MAX_M = 64  # split-K only for small M: the fp32 workspace is SPLIT_K x M x N
 SMALL_SCALE_MAX_CODE = 128  # E8M0 code of 2^1: up to it MXFP4's 2^126 folds into the block scale
+
+
+def _cdiv(a: int, b: int) -> int:
+    # host-side helpers in plain Python: triton.cdiv / next_power_of_2 are constexpr-function objects whose call
+    # costs microseconds, and the launcher runs on every decode step
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def weight_format(spec: QuantSpec) -> int | None:
@@ -259,7 +276,7 @@ def _prune(configs, named_args, **kwargs):
         bk = c.kwargs["BK"]
         if bk % block or (bk > kp and bk > 64):
             continue
-        if c.kwargs["SPLIT_K"] > 1 and triton.cdiv(kp, bk) < 2 * c.kwargs["SPLIT_K"]:
+        if c.kwargs["SPLIT_K"] > 1 and _cdiv(kp, bk) < 2 * c.kwargs["SPLIT_K"]:
             continue
         out.append(c)
     return out or [_cfg(16, 32, max(64, block), 1)]
@@ -273,7 +290,7 @@ def _tuned_kernel():
     if _autotuned is None:
         all_cfgs = [c for cs in _GPU_CONFIGS.values() for c in cs]
         _autotuned = triton.autotune(
-            configs=all_cfgs, key=["M_BUCKET", "N", "K", "FMT", "OUT_BF16"],
+            configs=all_cfgs, key=["M_BUCKET", "N", "K", "FMT", "BLOCK", "OUT_BF16", "SMALL_SCALES"],
             prune_configs_by={"early_config_prune": _prune},
             do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
         )(_packed_matmul_kernel)
@@ -282,22 +299,33 @@ def _tuned_kernel():
 
 def _interpreter_config(m: int, n: int, kp: int, block: int) -> dict:
     """Few, large programs: each interpreted program instance costs ~10-20 ms."""
-    bm = max(16, min(64, triton.next_power_of_2(m)))
-    bn = max(16, min(128, triton.next_power_of_2(n)))
-    bk = max(block, min(256, triton.next_power_of_2(kp)))
+    bm = max(16, min(64, _next_pow2(m)))
+    bn = max(16, min(128, _next_pow2(n)))
+    bk = max(block, min(256, _next_pow2(kp)))
     return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": 1}
 
 
 # ---- workspace ------------------------------------------------------------------------------------------------------
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per-device split-K tile counters (kept at zero between calls)
+_BEST: dict[tuple, dict] = {}  # launcher-side copy of the autotuner's choice (launch kwargs) per tuning key
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        # grown rarely (sized for M <= SPLIT_K_MAX_M); never on a steady decode loop, so CUDA graphs stay valid
+        buf = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
+
+
+def max_scale_code(scales: torch.Tensor) -> int | None:
+    """The largest uint8 scale code in ``scales`` as a Python int (0 when empty), for `packed_matmul`'s
+    ``max_scale_code``. Synchronises with the device: call it once when the weight is built or loaded, not per call.
+    None for tensors without data (meta device)."""
+    if scales.is_meta:
+        return None
+    return int(scales.max()) if scales.numel() else 0
 
 
 # ---- entry point ----------------------------------------------------------------------------------------------------
@@ -331,8 +359,9 @@ def packed_matmul(
         spec: the weight's QuantSpec (picks the decoding).
         out_features: N.
         global_scale: NVFP4's fp32 global scale (a 1-element fp32 tensor on x's device).
-        max_scale_code: the largest E8M0 code in ``scales`` (callers that keep the weight cache it; None: computed
-            here, which synchronises with the device). Codes <= 128 let MXFP4 use one multiply per element.
+        max_scale_code: the largest E8M0 code in ``scales`` as a Python int (see `max_scale_code`; callers that keep
+            the weight compute it once and cache it). Codes <= 128 let MXFP4 use one multiply per element; None: the
+            general two-multiply path (same bits), never a device sync. It must not understate the true maximum.
         config: force a tile configuration ``{"BM", "BN", "BK", "SPLIT_K"}`` (benchmarks / tests); default: autotuned
             on CUDA, large tiles under the interpreter.
     Returns:
@@ -371,26 +400,37 @@ def packed_matmul(
                                                  torch.empty((m, n), dtype=torch.float32, device=x.device))
     g = global_scale if global_scale is not None else scales  # unused pointer for MX formats
     use_split = m <= SPLIT_K_MAX_M
-    part = torch.empty((MAX_SPLIT_K if use_split else 1, m if use_split else 1, n), dtype=torch.float32,
-                       device=x.device)
-    cnt = _counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
-    if fmt == FMT_MXFP4 and max_scale_code is None:
-        max_scale_code = int(scales.max()) if scales.numel() else 0
+    # split-K workspace: from the caching allocator (no sync, no zeroing: every slot read is written first), so a
+    # CUDA graph capture gets its own; the tile counters are a persistent zeroed buffer the kernel resets itself
+    part = torch.empty((MAX_SPLIT_K, m, n) if use_split else (1,), dtype=torch.float32, device=x.device)
+    cnt = _counters(x.device, _cdiv(SPLIT_K_MAX_M, 16) * _cdiv(n, 16))  # >= tiles of any split launch
+    if max_scale_code is not None and not isinstance(max_scale_code, int):
+        raise QuantSpecError(f"packed_matmul: max_scale_code must be a Python int (computed once with "
+                             f"max_scale_code(scales)), got {type(max_scale_code).__name__}")
+    small = fmt == FMT_MXFP4 and max_scale_code is not None and max_scale_code <= SMALL_SCALE_MAX_CODE
     common = dict(KP_CONST=0 if x.is_cuda else kp, FMT=fmt, BLOCK=block, OUT_BF16=out_bf16,
-                  DOT_FP32=x.dtype == torch.float32 or not x.is_cuda,
-                  SMALL_SCALES=fmt == FMT_MXFP4 and max_scale_code <= SMALL_SCALE_MAX_CODE)
+                  DOT_FP32=x.dtype == torch.float32 or not x.is_cuda, SMALL_SCALES=small)
+    bucket = _bucket(m)
     args = (x2, codes, scales, g, y, part, cnt, m, n, k, kp, x2.stride(0), codes.stride(0), scales.stride(0),
-            y.stride(0), _bucket(m))
+            y.stride(0), bucket)
     if config is None and x.is_cuda:
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])  # noqa: E731
-        _tuned_kernel()[grid](*args, **common)
+        key = (bucket, n, k, fmt, block, out_bf16, small, x.dtype, x.device)
+        best = _BEST.get(key)
+        if best is None:  # first call for this key: the autotuner benchmarks the pruned configs once
+            grid = lambda meta: (_cdiv(m, meta["BM"]) * _cdiv(n, meta["BN"]), meta["SPLIT_K"])  # noqa: E731
+            tuned = _tuned_kernel()
+            tuned[grid](*args, **common)
+            _BEST[key] = tuned.best_config.all_kwargs()
+        else:  # what the autotuner does on a cache hit, minus its per-call argument dicts
+            grid = (_cdiv(m, best["BM"]) * _cdiv(n, best["BN"]), best["SPLIT_K"])
+            _packed_matmul_kernel[grid](*args, **common, **best)
     else:
         cfg = dict(config) if config is not None else _interpreter_config(m, n, kp, block)
         if cfg["SPLIT_K"] > MAX_SPLIT_K or (cfg["SPLIT_K"] > 1 and not use_split):
             raise QuantSpecError(f"SPLIT_K must be <= {MAX_SPLIT_K} and needs M <= {SPLIT_K_MAX_M}")
         launch = {k_: v for k_, v in cfg.items() if k_ in ("num_warps", "num_stages")}
         tiles = {k_: cfg[k_] for k_ in ("BM", "BN", "BK", "SPLIT_K")}
-        grid = (triton.cdiv(m, tiles["BM"]) * triton.cdiv(n, tiles["BN"]), tiles["SPLIT_K"])
+        grid = (_cdiv(m, tiles["BM"]) * _cdiv(n, tiles["BN"]), tiles["SPLIT_K"])
         _packed_matmul_kernel[grid](*args, **common, **tiles, **launch)
     if y is not out and not out_bf16:
         out.copy_(y)

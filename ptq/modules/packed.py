@@ -165,7 +165,9 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
         self._weight_cache: dict[tuple, torch.Tensor] = {}
-        self._max_scale_code: int | None = None  # cached max of `scales` for the Triton kernel
+        # the largest scale code, for the Triton kernel's MXFP4 fast path: a data-dependent value, so it is computed
+        # when codes are stored or loaded (one device sync then) and never in forward (None: the general path)
+        self._max_scale_code: int | None = 0 if spec.family == "mxfp" and not self.scales.is_meta else None  # zeros
         self._warned: set[str] = set()
 
     # ---- construction ------------------------------------------------------------------------------------------
@@ -262,7 +264,15 @@ class PackedLinear(nn.Module):
         if spec.family == "nvfp4":
             self.global_scale = global_scale.to(torch.float32).reshape(()).view(torch.int32).to(self.scales.device)
         self._weight_cache.clear()
-        self._max_scale_code = None
+        self._refresh_scale_stats()
+
+    def _refresh_scale_stats(self) -> None:
+        """Cache what the Triton launcher needs from the scale data, so that forward never reads device values."""
+        s = self.scales
+        if self.weight_spec.family != "mxfp" or s.is_meta:
+            self._max_scale_code = None
+        else:
+            self._max_scale_code = int(s.max()) if s.numel() else 0
 
     @torch.no_grad()
     def set_codes(self, q) -> None:
@@ -373,8 +383,6 @@ class PackedLinear(nn.Module):
             from ptq.kernels.packed_matmul import packed_matmul
 
             g = self.global_scale.view(torch.float32).reshape(1) if self.global_scale is not None else None
-            if self._max_scale_code is None:  # one device sync per loaded weight, then cached
-                self._max_scale_code = int(self.scales.max()) if self.scales.numel() else 0
             y = packed_matmul(xq, self.qweight, self.scales, self.weight_spec, self.out_features, global_scale=g,
                               max_scale_code=self._max_scale_code)
             return y if bias is None else y + bias
@@ -396,7 +404,7 @@ class PackedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._weight_cache.clear()
-        self._max_scale_code = None
+        self._refresh_scale_stats()
 
     def _apply(self, fn, recurse=True):
         self._weight_cache.clear()
