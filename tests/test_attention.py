@@ -19,6 +19,7 @@ from ptq.formats import QuantSpec
 from ptq.modules import AttentionMX
 from ptq.passes.swap import swap_modules
 from ptq.quantizers import fake_quantize
+from rotation_stub import OrthoRotation
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 KV4 = QuantSpec.mxint(4)  # block 32 > head_dim (16 tiny, 8 stories260k): one zero-padded block per head row
@@ -273,20 +274,6 @@ def test_generate_works_after_full_rtn_swap(stories260k_path):
 
 
 # ---- rotation hooks ----------------------------------------------------------------------------------------------
-class OrthoRotation(nn.Module):
-    def __init__(self, n: int, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-        self.register_buffer("H", q.to(torch.float32))
-
-    def forward(self, t):
-        return t @ self.H.T
-
-    def inverse(self, t):
-        return t @ self.H
-
-
 def test_rotations_with_bypassed_quantizers_reproduce_logits(model_name, stories_path):
     """Matched rotations on every linear input, qk and v rotations in every attention: exact in real arithmetic;
     in fp32 the logits stay within 1e-4 (|logits| <= ~20)."""

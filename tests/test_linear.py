@@ -13,6 +13,7 @@ from ptq.errors import ModelError
 from ptq.formats import QuantSpec
 from ptq.modules import LinearMX
 from ptq.quantizers import fake_quantize
+from rotation_stub import OrthoRotation
 
 W4 = QuantSpec.mxint(4)
 FP4 = QuantSpec.mxfp("e2m1")
@@ -22,22 +23,6 @@ A8 = QuantSpec.mxint(8)
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8),
                                                                       b.view(-1).view(torch.uint8))
-
-
-class OrthoRotation(nn.Module):
-    """Random orthogonal stand-in for the Hadamard module: rot(t) = t @ H^T on the last dim."""
-
-    def __init__(self, n: int, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-        self.register_buffer("H", q.to(torch.float32))
-
-    def forward(self, t):
-        return (t.float() @ self.H.T).to(t.dtype)
-
-    def inverse(self, t):
-        return (t.float() @ self.H).to(t.dtype)
 
 
 @pytest.fixture
