@@ -54,3 +54,13 @@ def stories260k(stories260k_path):
     model = AutoModelForCausalLM.from_pretrained(stories260k_path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(stories260k_path)
     return model, tok
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A generator with a fresh seed per test (printed, so a failure can be replayed)."""
+    import random
+
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from ptq.errors import QuantSpecError
 from ptq.formats import QuantSpec
 from ptq.quantizers import (QTensor, decode_minifloat, dequantize, e8m0_decode, e8m0_encode, encode_minifloat,
                             fake_quantize, pack_nibbles, quantize, unpack_nibbles)
+from bitcheck import bits, ids
 
 Q = QuantSpec
 
@@ -18,21 +18,6 @@ CODE_SPECS = ([Q.mxint(w) for w in range(2, 9)]
               + [Q.mxfp(f) for f in ("e2m1", "e2m3", "e3m2", "e4m3", "e5m2", "e3m4", "e1m2")]
               + [Q.mxfp("e2m1", scale_rule="ceil", block_size=16), Q.nvfp4()]
               + [Q.int_(w, block_size=16, symmetric=s) for w in (2, 4, 8, 16) for s in (True, False)])
-
-
-def ids(specs):
-    return [str(s) for s in specs]
-
-
-def bits(t):
-    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("spec", CODE_SPECS, ids=ids(CODE_SPECS))

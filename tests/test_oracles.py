@@ -3,37 +3,15 @@ NVFP4). Each test skips when its oracle cannot be imported."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 from ptq.formats import QuantSpec
 from ptq.quantizers import dequantize, fake_quantize, pack_nibbles, quantize
+from bitcheck import assert_bits, bits, randn
 
 Q = QuantSpec
-
-
-def bits(t):
-    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
-
-
-def assert_bits(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-    finite = torch.isfinite(a)
-    assert torch.equal(bits(a)[finite], bits(b)[finite])
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def wide(gen, *shape, spread=2.0):
-    return torch.randn(*shape, generator=gen) * torch.exp(spread * torch.randn(*shape, generator=gen))
 
 
 def ties(gen, *shape, bits_=4):
@@ -57,6 +35,11 @@ def quark_mx69():
     return mod.fake_quantize_mx6_mx9
 
 
+def wide(gen, *shape):
+    """Inputs spanning many binades: stresses the shared exponent."""
+    return randn(gen, *shape, spread=2.0)
+
+
 MX69 = [("mx6", 5), ("mx9", 8)]
 
 
@@ -76,7 +59,7 @@ def test_quark_mx6_mx9_random(quark_mx69, fam, qbit, dtype, shape, axis, gen):
 @pytest.mark.parametrize("fam,qbit", MX69, ids=[f for f, _ in MX69])
 def test_quark_mx6_mx9_edges(quark_mx69, fam, qbit, gen):
     spec = getattr(Q, fam)()
-    x = wide(gen, 6, 32)
+    x = randn(gen, 6, 32, spread=2.0)
     x[0] = 0  # zero blocks
     x[1, 1:] = 0  # a lone element
     x[2] = torch.pow(2.0, torch.randint(-20, 20, (32,), generator=gen).float())  # powers of two
@@ -92,7 +75,7 @@ def test_quark_mx6_mx9_edges(quark_mx69, fam, qbit, gen):
 def test_quark_mx6_mx9_nonfinite(quark_mx69, fam, qbit, gen):
     # Non-finite values are left out of the shared exponent and count as "below" for the prime bit, as in Quark;
     # compare the finite positions (and that ours propagates NaN / Inf, which the format requires).
-    x = wide(gen, 4, 32, spread=1.0)
+    x = randn(gen, 4, 32, spread=1.0)
     bad = torch.rand(x.shape, generator=gen) < 0.1
     x = torch.where(bad, torch.tensor([float("nan"), float("inf"), -float("inf")])[torch.randint(0, 3, x.shape,
                                                                                              generator=gen)], x)
@@ -154,7 +137,7 @@ def test_torchao_mx_other_axis_and_edges(torchao_mx, fmt, gen):
     mx, consts = torchao_mx
     elem = _torchao_elem(consts, fmt)
     spec = Q.mxfp(fmt, axis=0)
-    x = wide(gen, 64, 8)
+    x = randn(gen, 64, 8, spread=2.0)
     top = spec.max_normal
     x[:32, 0] = torch.tensor([top, -top, top / 2] + [0.0] * 29)  # the largest finite element
     x[:32, 1] = torch.linspace(1.76, 1.99, 32) * 2.0**spec.emax / 2  # just below a carry
@@ -173,7 +156,7 @@ def test_torchao_nvfp4_where_semantics_coincide(gen):
     With a power-of-two global scale every one of those products is exact, so codes, scales and values must
     agree bit for bit (barring a reciprocal 1/s landing an element exactly on a tie, which random data avoids)."""
     nv = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")
-    x = wide(gen, 32, 128, spread=0.5)
+    x = randn(gen, 32, 128, spread=0.5)
     k = int(torch.randint(-20, 20, (1,), generator=gen))
     amax = 2688.0 * 2.0**k  # -> g = 2^k
     x = x / x.abs().max() * (amax * 0.99)

@@ -7,7 +7,6 @@ code. Random tensors come from a fresh seed per test run; pass/fail never depend
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from ptq.errors import PtqError, QuantSpecError
 from ptq.formats import QuantSpec
 from ptq.quantizers import (block_scales, fake_quantize, make_noise, noise_shape, nvfp4_block_scales,
                             nvfp4_global_scale, quantize_with_scale, reference_fake_quantize, resolve_backend)
+from bitcheck import assert_bits, bits, ids, randn
 
 Q = QuantSpec
 
@@ -26,33 +26,6 @@ ALL_SPECS = MX_SPECS + [
     Q.int_(4, block_size=16, symmetric=False), Q.int_(12, block_size=16),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def ids(specs):
-    return [str(s) for s in specs]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
-
-
-def assert_bits(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-    finite = torch.isfinite(a)
-    assert torch.equal(bits(a)[finite], bits(b)[finite])  # also tells -0 from +0
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(gen, *shape, spread=1.0):
-    """Gaussian values with a log-normal magnitude spread per element (heavy tails, mixed exponents)."""
-    return torch.randn(*shape, generator=gen) * torch.exp(spread * torch.randn(*shape, generator=gen))
 
 
 def fq(values, spec, dtype=torch.float32):
