@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ptq.commands import add_parser
+from ptq.commands import add_parser, add_quantize_arguments, load_and_quantize
 
 EPILOG = """\
 examples:
@@ -26,32 +26,18 @@ def register(subparsers) -> None:
                    description="Load MODEL, run the passes RECIPE asks for (swap -> rotation_search -> gptq), pack "
                    "every quantized linear weight into real low-bit codes + scales and write a directory that "
                    "ptq.load_quantized (and every ptq command taking --model) loads back.", epilog=EPILOG)
-    p.add_argument("--model", required=True, metavar="PATH_OR_ID", help="a local HF model directory, a hub id "
-                   "(when online), or 'smollm2-135m' for the built-in default")
-    p.add_argument("--recipe", required=True, metavar="RECIPE", help="path to a TOML recipe")
+    add_quantize_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="the directory to write (must not exist unless "
                    "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (only once the new export "
                    "is complete)")
-    p.add_argument("--device", default=None, help="where passes do their work, e.g. cuda, cpu (default: cuda when "
-                   "available)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16 (default: auto)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="do not reuse existing GPTQ "
-                   "checkpoints or rotation caches")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ptq.export import export_quantized
-    from ptq.models import load_model
-    from ptq.passes.pipeline import quantize_module_transform_pass
-    from ptq.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    model, info = quantize_module_transform_pass(model, recipe, tokenizer=tokenizer, device=args.device,
-                                                 progress=args.progress, resume=args.resume)
+    model, tokenizer, _, _ = load_and_quantize(args)
     summary = export_quantized(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
                                progress=args.progress)
     bpw = summary["bits_per_weight"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ptq.commands import add_parser
+from ptq.commands import add_parser, add_quantize_arguments, load_and_quantize
 
 EPILOG = """\
 examples:
@@ -24,16 +24,8 @@ def register(subparsers) -> None:
                    description="Load a model, run the passes RECIPE asks for (swap -> rotation_search -> gptq) and "
                    "print what each did. GPTQ checkpoints and rotation caches named in the recipe are reused when "
                    "their fingerprint matches (see --no-resume).", epilog=EPILOG)
-    p.add_argument("--model", required=True, metavar="PATH_OR_ID", help="a local HF model directory, a hub id "
-                   "(when online), or 'smollm2-135m' for the built-in default")
-    p.add_argument("--recipe", required=True, metavar="RECIPE", help="path to a TOML recipe")
+    add_quantize_arguments(p)
     p.add_argument("--out", metavar="DIR", help="write model.safetensors, recipe.toml and info.json here")
-    p.add_argument("--device", default=None, help="where passes do their work, e.g. cuda, cuda:1, cpu "
-                   "(default: cuda when available)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16 (default: auto)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="do not reuse existing checkpoints or "
-                   "caches: refuse to touch them")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=run)
 
 
@@ -67,14 +59,9 @@ def untied_state_dict(model) -> dict:
 def run(args) -> int:
     from ptq import __version__
     from ptq.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
-    from ptq.models import load_model
-    from ptq.passes.pipeline import quantize_module_transform_pass
-    from ptq.recipe import load_recipe, save_recipe
+    from ptq.recipe import save_recipe
 
-    recipe = load_recipe(args.recipe)  # validate before the (slow) model load
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    model, info = quantize_module_transform_pass(model, recipe, tokenizer=tokenizer, device=args.device,
-                                                 progress=args.progress, resume=args.resume)
+    model, _, recipe, info = load_and_quantize(args)
     for name, pinfo in info.items():
         summary = ", ".join(f"{k}={v}" for k, v in pinfo.items() if isinstance(v, (int, float, str, bool)))
         print(f"{name}: {summary}")
