@@ -2,7 +2,7 @@
 
 import torch
 
-_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # by element size
 
 
 def ids(specs):
@@ -10,8 +10,8 @@ def ids(specs):
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor as a same-width integer view."""
-    return t.view(_INT_VIEW[t.dtype])
+    """The raw bits of a tensor as a same-width integer view."""
+    return t.view(_INT_VIEW[t.element_size()])
 
 
 def assert_bits(a: torch.Tensor, b: torch.Tensor) -> None:

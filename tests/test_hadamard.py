@@ -18,15 +18,12 @@ from ptq.hadamard import (
     sylvester,
 )
 from ptq.modules.rotation import HadamardRotation
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+from bitcheck import bits
 
 
 def _assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape, what
-    same = torch.equal(_bits(a), _bits(b))
+    same = torch.equal(bits(a), bits(b))
     assert same, f"{what}: max |diff| {(a.double() - b.double()).abs().max().item()}"
 
 
@@ -104,7 +101,7 @@ def test_reference_dtype_and_rounding(dtype):
     y = rotate_reference(x, 64)
     assert y.dtype == dtype
     # fp32 computation then one round-to-nearest-even cast
-    assert torch.equal(_bits(y), _bits(rotate_reference(x.float(), 64).to(dtype)))
+    assert torch.equal(bits(y), bits(rotate_reference(x.float(), 64).to(dtype)))
 
 
 def test_rotation_module_has_no_state_and_survives_dtype_moves():

@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 
 import ptq.kernels as K  # noqa: E402
 from ptq.quantizers import noise_shape, pack_nibbles, quantize, reference_fake_quantize  # noqa: E402
+from bitcheck import bits
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -88,17 +89,13 @@ def random_input(shape, dtype, gen: torch.Generator, device=DEVICE) -> torch.Ten
     return (torch.randn(shape, generator=gen) * mags).to(dtype).to(device)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
-
-
 def assert_bit_exact(y: torch.Tensor, ref: torch.Tensor, context: str = "") -> None:
     """Same shape and dtype, NaN in the same places, identical bits everywhere else (so -0.0 != +0.0)."""
     assert y.shape == ref.shape and y.dtype == ref.dtype, (context, y.shape, ref.shape, y.dtype, ref.dtype)
     y, ref = y.contiguous(), ref.contiguous()
     nan_y, nan_r = torch.isnan(y), torch.isnan(ref)
     assert torch.equal(nan_y, nan_r), f"{context}: NaN positions differ"
-    diff = (_bits(y) != _bits(ref)) & ~nan_r
+    diff = (bits(y) != bits(ref)) & ~nan_r
     if diff.any():
         idx = diff.nonzero()[:5].tolist()
         got = [y[tuple(i)].item() for i in idx]
