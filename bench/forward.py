@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--ppl", action="store_true", help="also measure wiki.test.raw perplexity of every variant")
     p.add_argument("--ppl-windows", type=int, default=None, help="first N windows only (default: all)")
     p.add_argument("--quick", action="store_true", help="batch 2 x 512, 3 iterations, ppl on 8 windows")
+    p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of one forward per "
+                   "quantized variant (heaviest kernels and host ops)")
     p.add_argument("--device", default="cuda", help="'cuda' (default) or 'cpu' (a smoke run of this script only)")
     args = p.parse_args(argv)
     defaults = dict(batch=2, seqlen=512, iters=3, warmup=1) if args.quick else \
@@ -51,28 +53,49 @@ def parse_args(argv=None):
     return args
 
 
-def time_forward(model, ids, iters: int, warmup: int) -> float:
-    """Median milliseconds of one forward (logits included): CUDA events on the GPU, a host clock on the CPU."""
+def time_forward(model, ids, iters: int, warmup: int) -> tuple[float, float]:
+    """Median milliseconds of one forward (logits included): CUDA events on the GPU, a host clock on the CPU; and
+    the median host time to issue it (Python returns before the GPU finishes: when the two are close, the forward is
+    bound by the host's launch path rather than by the GPU)."""
     cuda = ids.is_cuda
     with torch.inference_mode():
         for _ in range(warmup):
             model(ids, use_cache=False)
         if cuda:
             torch.cuda.synchronize()
-        times = []
+        times, host = [], []
         for _ in range(iters):
+            t0 = time.perf_counter()
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 model(ids, use_cache=False)
                 end.record()
+                host.append((time.perf_counter() - t0) * 1e3)
                 end.synchronize()
                 times.append(start.elapsed_time(end))
             else:
-                t0 = time.perf_counter()
                 model(ids, use_cache=False)
                 times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+                host.append(times[-1])
+    return statistics.median(times), statistics.median(host)
+
+
+def profile_forward(model, ids, rows: int = 12) -> None:
+    """Print the forward's heaviest GPU kernels and host-side ops (torch.profiler, one forward after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    with torch.inference_mode():
+        model(ids, use_cache=False)
+        with profile(activities=acts) as prof:
+            model(ids, use_cache=False)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+    avg = prof.key_averages()
+    if ids.is_cuda:
+        print(avg.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 
 
 def main(argv=None) -> int:
@@ -124,9 +147,12 @@ def main(argv=None) -> int:
     backend = resolve_backend(probe, some_linear.cfg.data_in)
 
     times = {name: [] for name in variants}
+    host = {name: [] for name in variants}
     for r in range(args.rounds):
         for name, m in variants.items():
-            times[name].append(time_forward(m, ids, args.iters, args.warmup if r == 0 else 1))
+            t, h = time_forward(m, ids, args.iters, args.warmup if r == 0 else 1)
+            times[name].append(t)
+            host[name].append(h)
 
     def diff(m):
         with torch.inference_mode():
@@ -135,23 +161,28 @@ def main(argv=None) -> int:
     rows = []
     for name, m in variants.items():
         ratio = statistics.median(t / b for t, b in zip(times[name], times["bf16"]))
-        rows.append((name, statistics.median(times[name]), ratio, ppl(m) if args.ppl else None, diff(m)))
+        rows.append((name, statistics.median(times[name]), statistics.median(host[name]), ratio,
+                     ppl(m) if args.ppl else None, diff(m)))
 
     print(f"model {args.model}  recipe {Path(args.recipe).name}  batch {args.batch} x {args.seqlen}  "
           f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}  fake_quantize backend: {backend}")
     print(f"swapped: {info['counts']}")
-    head = f"{'variant':<16}{'ms':>10}{'x bf16':>9}{'max|dlogit|':>13}"
+    head = f"{'variant':<16}{'ms':>10}{'host ms':>9}{'x bf16':>9}{'max|dlogit|':>13}"
     if args.ppl:
         head += f"{'ppl':>10}{'windows':>9}"
     print(head)
-    for name, ms, ratio, p, d in rows:
-        line = f"{name:<16}{ms:>10.2f}{ratio:>9.3f}{d:>13.4f}"
+    for name, ms, host_ms, ratio, p, d in rows:
+        line = f"{name:<16}{ms:>10.2f}{host_ms:>9.2f}{ratio:>9.3f}{d:>13.4f}"
         if p is not None:
             line += f"{p[0]:>10.4f}{p[1]:>9d}"
         print(line)
-    rtn_ratio = rows[1][2]
+    rtn_ratio = rows[1][3]
     verdict = "meets" if rtn_ratio <= 1.5 else "MISSES"
     print(f"rtn / bf16 = {rtn_ratio:.3f}, median over {args.rounds} interleaved rounds ({verdict} the <= 1.5x target)")
+    if args.profile:
+        for name in ("rtn", "rtn, kv bypass"):
+            print(f"\n--- profile: {name}")
+            profile_forward(variants[name], ids)
     return 0
 
 
