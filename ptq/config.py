@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ptq.formats import QuantSpec
 
@@ -102,7 +102,32 @@ class RotationSearchConfig(_Strict):
     seed: int = 0
     improvement_eps: float = Field(0.0, ge=0.0)
     cache_path: str | None = None
-    kind: Literal["full", "block"] = "full"
-    block_size: int | None = Field(None, ge=2)  # kind="block": Hadamard block (default: the MX block size)
+    # One kind, or several: the search then also picks, per type, which of the variants (full, and block-diagonal
+    # with each block size) to use.
+    kind: Literal["full", "block"] | list[Literal["full", "block"]] = "full"
+    # kind "block": Hadamard block (default: the MX block size); a list tries each size
+    block_size: int | list[int] | None = None
     mode: Literal["matched", "activation_only"] = "matched"
     candidates: list[RotationType] | None = None  # default: every type the recipe quantizes
+
+    @field_validator("kind", "block_size")
+    @classmethod
+    def _distinct_nonempty(cls, v, info):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError(f"{info.field_name} must not be an empty list")
+            if len(set(v)) != len(v):
+                raise ValueError(f"{info.field_name} lists a value twice: {v}")
+        for b in (v if isinstance(v, list) else [v]) if info.field_name == "block_size" else []:
+            if b is not None and b < 2:
+                raise ValueError(f"block_size must be >= 2, got {b}")
+        return v
+
+    def variants(self) -> list[str]:
+        """The rotation variants the search tries per type: "full", "block<N>", or "block" (the MX block size)."""
+        kinds = self.kind if isinstance(self.kind, list) else [self.kind]
+        sizes = self.block_size if isinstance(self.block_size, list) else [self.block_size]
+        out = []
+        for k in kinds:
+            out += ["full"] if k == "full" else [f"block{b}" if b is not None else "block" for b in sizes]
+        return out

@@ -524,10 +524,20 @@ def _pydantic(source: str | None, table_name: str, model: type[BaseModel], value
     try:
         return model.model_validate(dict(value), strict=True)
     except ValidationError as err:
-        e = err.errors()[0]
-        path = key_path(table_name, *(str(p) for p in e["loc"]))
-        got = e.get("input")
-        raise _fail(source, path, f"{e['msg']} (got {got!r})", "Fix the value") from None
+        errors = err.errors()
+        loc = _field_loc(errors[0]["loc"])
+        # a union field reports one error per alternative: say them all, under the field's own key
+        msgs = list(dict.fromkeys(e["msg"] for e in errors if _field_loc(e["loc"]) == loc))
+        path = key_path(table_name, *(str(p) for p in loc))
+        got = errors[0].get("input")
+        raise _fail(source, path, f"{'; or '.join(msgs)} (got {got!r})", "Fix the value") from None
+
+
+def _field_loc(loc: tuple) -> tuple:
+    """A pydantic error location without the union-member tags it inserts (``'literal[...]'``, ``'list[int]'``,
+    ``'int'``), i.e. the recipe key path."""
+    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in ("int", "str", "float", "bool",
+                                                                                    "none")))
 
 
 def _validate_dict(data: Mapping, source: str | None) -> Recipe:

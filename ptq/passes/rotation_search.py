@@ -37,6 +37,11 @@ Sizes: kind "full" rotates the whole dimension (power of two or a known Hadamard
 stories260k's down_proj input 172 = the Williamson order 172 itself); kind "block" uses blocks of ``block_size``
 (default: the MX block size of the quantized tensor), a block at least as large as the dimension means the full
 rotation (e.g. head_dim 8 with blocks of 32).
+
+Variants: ``kind`` and ``block_size`` may be lists (``kind = ["block", "full"]``, ``block_size = [32, 64]``); each
+round then tries every remaining type with every variant ("block32", "block64", "full") and keeps the best pair, so
+the search also decides, per type, how wide its Hadamard is. Trials and decisions are then labelled "type@variant";
+a variant that does not fit a type's dimension is left out for that type and listed in ``info["skipped_variants"]``.
 """
 
 from __future__ import annotations
@@ -114,57 +119,99 @@ def candidate_types(sites: dict, cfg: RotationSearchConfig) -> list[str]:
     return [t for t in ROTATION_TYPES if t in named]
 
 
+def variant_block(variant: str) -> tuple[str, int | None]:
+    """``"full"`` -> ("full", None); ``"block32"`` -> ("block", 32); ``"block"`` -> ("block", None: the MX block)."""
+    if variant == "full":
+        return "full", None
+    return "block", int(variant[5:]) if len(variant) > 5 else None
+
+
+def choice_label(t: str, variant: str, variants: list[str]) -> str:
+    """How a (type, variant) choice is named in trials and decisions: the type alone when there is one variant."""
+    return t if len(variants) == 1 else f"{t}@{variant}"
+
+
+def parse_choices(labels: list[str], variants: list[str]) -> dict[str, str]:
+    """Decision labels -> {type: variant}."""
+    out = {}
+    for label in labels:
+        t, _, v = label.partition("@")
+        out[t] = v or variants[0]
+    return out
+
+
 class RotationBank:
-    """Builds (and shares) the HadamardRotation modules and installs a chosen set of types on the model."""
+    """Builds (and shares) the HadamardRotation modules and installs a chosen set of (type, variant) on the model."""
 
     def __init__(self, sites: dict, cfg: RotationSearchConfig):
         self.sites = sites
         self.cfg = cfg
         self._made: dict[tuple, nn.Module] = {}
 
-    def rotation(self, size: int, default_block: int | None, where: str) -> nn.Module:
+    def rotation(self, size: int, default_block: int | None, where: str, variant: str) -> nn.Module:
         from ptq.modules.rotation import HadamardRotation
 
-        cfg = self.cfg
-        block = cfg.block_size or default_block
-        if cfg.kind == "block" and block is None:
+        kind, block = variant_block(variant)
+        block = block or default_block
+        if kind == "block" and block is None:
             raise RecipeError(f"[rotation_search].block_size: {where} has no MX block size to default to; set "
                               "block_size")
-        full = cfg.kind == "full" or block >= size
+        full = kind == "full" or block >= size
         key = (size, None) if full else (size, block)
         if key not in self._made:
             try:
                 self._made[key] = HadamardRotation(size) if full else HadamardRotation(size, "block", block)
             except ModelError as e:
-                raise ModelError(f"rotation_search: cannot rotate {where} (size {size}): {e}. Alternatively drop "
-                                 "this type from [rotation_search].candidates") from None
+                raise ModelError(f"rotation_search: cannot rotate {where} (size {size}, {variant}): {e}. "
+                                 "Alternatively drop this type from [rotation_search].candidates or this variant "
+                                 "from kind / block_size") from None
         return self._made[key]
 
-    def prepare(self, types: list[str]) -> None:
-        """Build every rotation the candidate types need up front, so bad sizes fail before any search."""
+    def prepare(self, types: list[str]) -> dict[str, str]:
+        """Build every rotation the candidates need up front, so bad sizes fail before any search. With several
+        variants, one that does not fit a type (a block size not dividing its dimension) is left out for that type
+        only; returns {"type@variant": reason} for those. A type no variant fits is an error."""
+        variants = self.cfg.variants()
+        self.valid: dict[str, list[str]] = {}
+        skipped: dict[str, str] = {}
         for t in types:
-            for name, mod in self.sites[t]:
-                self._for_site(t, name, mod)
+            ok = []
+            for variant in variants:
+                try:
+                    for name, mod in self.sites[t]:
+                        self._for_site(t, name, mod, variant)
+                except ModelError as e:
+                    if len(variants) == 1:
+                        raise
+                    skipped[f"{t}@{variant}"] = str(e)
+                    continue
+                ok.append(variant)
+            if not ok:
+                raise ModelError(f"rotation_search: no rotation variant ({', '.join(variants)}) fits type {t!r}: "
+                                 f"{'; '.join(skipped[f'{t}@{v}'] for v in variants)}")
+            self.valid[t] = ok
+        return skipped
 
-    def _for_site(self, t: str, name: str, mod: nn.Module) -> nn.Module:
+    def _for_site(self, t: str, name: str, mod: nn.Module, variant: str) -> nn.Module:
         if t in ATTENTION_TYPES:
             spec = mod.cfg.kv_cache or mod.cfg.qk_matmul or mod.cfg.rope
-            return self.rotation(mod.head_dim, spec.block_size if spec else None, f"{name} ({t}, head_dim)")
+            return self.rotation(mod.head_dim, spec.block_size if spec else None, f"{name} ({t}, head_dim)", variant)
         spec = mod.cfg.data_in or mod.cfg.weight
-        return self.rotation(mod.in_features, spec.block_size if spec else None, f"{name} ({t}, in_features)")
+        return self.rotation(mod.in_features, spec.block_size if spec else None, f"{name} ({t}, in_features)",
+                             variant)
 
-    def apply(self, chosen: list[str] | set[str]) -> None:
-        chosen = set(chosen)
+    def apply(self, chosen: dict[str, str]) -> None:
+        """Install exactly the rotations in ``chosen`` ({type: variant}); every other type gets none."""
         for t in LINEAR_TYPES.values():
             for name, mod in self.sites[t]:
-                rot = self._for_site(t, name, mod) if t in chosen else None
+                rot = self._for_site(t, name, mod, chosen[t]) if t in chosen else None
                 if rot is not mod.rotation or (rot is not None and mod.rotation_mode != self.cfg.mode):
                     mod.set_rotation(rot, self.cfg.mode)
-        qk = "kv_cache" in chosen or "qk_matmul" in chosen
-        v = "kv_cache" in chosen
+        # K and V share one head_dim rotation: kv_cache's variant wins over qk_matmul's when both are chosen
+        attn_variant = chosen.get("kv_cache") or chosen.get("qk_matmul")
         for name, mod in self.sites["kv_cache"]:
-            rot = self._for_site("kv_cache", name, mod) if (qk or v) else None
-            mod.set_rotations(qk=rot if qk else None, v=rot if v else None)
+            rot = self._for_site("kv_cache", name, mod, attn_variant) if attn_variant else None
+            mod.set_rotations(qk=rot, v=rot if "kv_cache" in chosen else None)
 
 
 @torch.no_grad()
@@ -259,25 +306,29 @@ class RotationSearchPass:
         sites = rotation_sites(model)
         types = candidate_types(sites, cfg)
         bank = RotationBank(sites, cfg)
-        bank.prepare(types)
-        bank.apply([])  # start from no rotation (also clears rotations of an earlier run on this model)
+        skipped = bank.prepare(types)
+        bank.apply({})  # start from no rotation (also clears rotations of an earlier run on this model)
         windows, calib = self._calibration(model, cfg, ctx)
         cache = _Cache(cfg.cache_path, _fingerprint(model, cfg, windows, calib), ctx.resume)
         state = cache.state
-        info = {"candidates": types, "cache_path": cfg.cache_path, "cache_used": cache.loaded,
+        info = {"candidates": types, "skipped_variants": skipped, "cache_path": cfg.cache_path,
+                "cache_used": cache.loaded,
                 "rounds_loaded": len(state["rounds"]) if cache.loaded else 0, "evaluations": 0}
 
         if state["decision"] is None:
             self._search(model, windows, types, bank, cache, info, ctx)
-        chosen = list(state["decision"])
-        bank.apply(chosen)
+        variants = cfg.variants()
+        decision = parse_choices(list(state["decision"]), variants)
+        bank.apply(decision)
+        chosen = list(decision)
         info.update({
             "chosen": chosen,
+            "variants": decision,
             "searched": info["evaluations"] > 0,
             "baseline_loss": state["baseline_loss"],
             "round_losses": [r["loss"] for r in state["rounds"] if r["chosen"] is not None],
             "rounds": state["rounds"],
-            "kind": cfg.kind, "mode": cfg.mode,
+            "kind": cfg.kind, "block_size": cfg.block_size, "mode": cfg.mode,
             "modules_rotated": sum(len(sites[t]) for t in chosen),
             "seconds": time.perf_counter() - t0,
         })
@@ -288,8 +339,9 @@ class RotationSearchPass:
 
         state = cache.state
         eps = float(bank.cfg.improvement_eps)
+        variants = bank.cfg.variants()
         if state["baseline_loss"] is None:
-            bank.apply([])
+            bank.apply({})
             state["baseline_loss"] = calibration_loss(model, windows)
             info["evaluations"] += 1
             cache.save()
@@ -299,16 +351,21 @@ class RotationSearchPass:
             state["decision"] = chosen
             cache.save()
             return
-        remaining = [t for t in types if t not in chosen]
-        bar = tqdm(total=len(remaining) * (len(remaining) + 1) // 2, desc="rotation_search", disable=not ctx.progress)
+        done = parse_choices(chosen, variants)
+        remaining = [t for t in types if t not in done]
+        per_round = [len(bank.valid[t]) for t in remaining]
+        bar = tqdm(total=sum(sum(sorted(per_round)[i:]) for i in range(len(per_round))), desc="rotation_search",
+                   disable=not ctx.progress)  # an upper bound: the search may stop early
         while remaining:
             trials = {}
             for t in remaining:
-                bank.apply(chosen + [t])
-                trials[t] = calibration_loss(model, windows)
-                info["evaluations"] += 1
-                bar.update(1)
-                bar.set_postfix(best=f"{best:.4f}", chosen=",".join(chosen) or "-")
+                for v in bank.valid[t]:
+                    label = choice_label(t, v, variants)
+                    bank.apply(parse_choices(chosen + [label], variants))
+                    trials[label] = calibration_loss(model, windows)
+                    info["evaluations"] += 1
+                    bar.update(1)
+                    bar.set_postfix(best=f"{best:.4f}", chosen=",".join(chosen) or "-")
             pick = min(trials, key=trials.get)
             gain = best - trials[pick]
             keep = gain > eps
@@ -319,7 +376,7 @@ class RotationSearchPass:
                 break
             chosen.append(pick)
             best = trials[pick]
-            remaining.remove(pick)
+            remaining.remove(pick.partition("@")[0])
             cache.save()
         bar.close()
         state["decision"] = chosen
