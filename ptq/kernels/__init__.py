@@ -122,7 +122,7 @@ def triton_fake_quantize(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor |
 
     axis = check_input(x, spec)
     _check_runnable(x, spec)
-    n2 = _noise_2d(x, spec, noise)
+    n2 = _noise_2d(x, spec, noise) if noise is not None or spec.rounding == "stochastic" else None
     L = x.shape[axis]
     y = _rows_in_place(x, axis, n2 is not None) if L else None
     if y is not None:
