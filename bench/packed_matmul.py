@@ -110,7 +110,28 @@ def _host_us(fn, calls: int = 200) -> float:
     return t
 
 
-def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: str = "cuda") -> list[dict]:
+PATHS = {"old": "tile", "new": "auto"}  # --path: the tile kernel at every M, or the decode kernel at M <= 16
+
+
+def _tuner_summary(mod, path: str, top: int = 4) -> tuple[str, str]:
+    """The autotuner's choice and its `top` fastest configs (us) for the last tuned key of the path's kernel."""
+    tuned = mod._decode_autotuned if path == "auto" else mod._autotuned
+    cfg = getattr(tuned, "best_config", None)
+    if cfg is None:
+        return "", ""
+    timings = getattr(tuned, "configs_timings", None) or {}
+
+    def short(c):
+        kw = c.kwargs
+        return ("/".join(f"{k}{v}" for k, v in kw.items()) + f"/w{c.num_warps}s{c.num_stages}")
+
+    ranked = sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], (list, tuple)) else kv[1])
+    tops = ", ".join(f"{short(c)} {(t[0] if isinstance(t, (list, tuple)) else t) * 1e3:.1f}" for c, t in ranked[:top])
+    return short(cfg), tops
+
+
+def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: str = "cuda",
+                 paths: tuple[str, ...] = ("new",)) -> list[dict]:
     import torch.nn.functional as F
 
     from ptq.kernels.packed_matmul import max_scale_code, packed_matmul
@@ -127,20 +148,24 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             t_bf16 = _bench(lambda: F.linear(x, w))
             g_bf16 = _bench_graph(lambda: F.linear(x, w))
-            for f in formats:
+            for f, path in [(f, pth) for f in formats for pth in paths]:
                 p = packed[f]
+                mode = PATHS[path]
                 g = p.global_scale.view(torch.float32).reshape(1) if p.global_scale is not None else None
                 code = codes[f]
 
                 def run(xx=x):
                     return packed_matmul(xx, p.qweight, p.scales, p.weight_spec, n, global_scale=g,
-                                         max_scale_code=code)
+                                         max_scale_code=code, path=mode)
 
                 t0 = time.perf_counter()
                 run()  # compile + autotune
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 tune_s = time.perf_counter() - t0
+                kmod = sys.modules["ptq.kernels.packed_matmul"]
+                tuned_path = "auto" if mode == "auto" and m <= kmod.DECODE_MAX_M else "tile"
+                cfg, tops = _tuner_summary(kmod, tuned_path) if dev.type == "cuda" else ("", "")
                 # correctness on fresh data, output poisoned first
                 xc = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 wd = p.dequantized_weight(torch.float32, dev).double()
@@ -159,16 +184,17 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
                     qt = p.qtensor()
                     t_torch = _bench(lambda: F.linear(x, dequantize(qt, dtype=torch.bfloat16)))
                 wbytes = p.packed_nbytes
-                cfg = getattr(sys.modules["ptq.kernels.packed_matmul"]._autotuned, "best_config", None)
-                rows.append(dict(shape=name, M=m, fmt=f, bf16_ms=t_bf16, triton_ms=t_tri, torch_ms=t_torch,
+                rows.append(dict(shape=name, M=m, fmt=f, path=path, bf16_ms=t_bf16, triton_ms=t_tri, torch_ms=t_torch,
                                  speedup=t_bf16 / t_tri, torch_speedup=t_bf16 / t_torch, bf16_graph_ms=g_bf16,
                                  triton_graph_ms=g_tri, graph_speedup=g_bf16 / g_tri, host_us=host,
                                  gbps=(wbytes + x.numel() * 2 + m * n * 2) / t_tri / 1e6, rel_err=rel, ok=ok,
-                                 tune_s=tune_s, config=str(cfg).replace(", num_ctas: 1", "") if cfg else ""))
-                print(f"  {name:24s} M={m:5d} {f:6s} bf16 {t_bf16*1e3:8.1f}us  triton {t_tri*1e3:8.1f}us "
+                                 tune_s=tune_s, config=cfg, top=tops))
+                print(f"  {name:24s} M={m:5d} {f:6s} {path:3s} bf16 {t_bf16*1e3:8.1f}us  triton {t_tri*1e3:8.1f}us "
                       f"({t_bf16 / t_tri:5.2f}x)  graph: bf16 {g_bf16*1e3:7.1f}us triton {g_tri*1e3:7.1f}us "
-                      f"({g_bf16 / g_tri:5.2f}x)  host {host:5.1f}us/call  rel_err {rel:.1e} {'ok' if ok else 'FAIL'}  [{rows[-1]['config']}]",
+                      f"({g_bf16 / g_tri:5.2f}x)  host {host:5.1f}us/call  rel_err {rel:.1e} {'ok' if ok else 'FAIL'}  [{cfg}] tune {tune_s:.0f}s",
                       flush=True)
+                if tops:
+                    print(f"      fastest configs (us): {tops}", flush=True)
         del packed, w
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -176,20 +202,20 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| shape | M | format | bf16 F.linear (us) | packed Triton (us) | speed-up | graph: bf16 / Triton (us) | "
-          "graph speed-up | launcher host us/call | weight+io GB/s | torch dequant+linear (us) | rel err | ok |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("\n| shape | M | format | path | bf16 F.linear (us) | packed Triton (us) | speed-up | graph: bf16 / Triton (us) | "
+          "graph speed-up | launcher host us/call | weight+io GB/s | torch dequant+linear (us) | rel err | ok | config |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['M']} | {r['fmt']} | {r['bf16_ms']*1e3:.1f} | {r['triton_ms']*1e3:.1f} | "
+        print(f"| {r['shape']} | {r['M']} | {r['fmt']} | {r['path']} | {r['bf16_ms']*1e3:.1f} | {r['triton_ms']*1e3:.1f} | "
               f"{r['speedup']:.2f}x | {r['bf16_graph_ms']*1e3:.1f} / {r['triton_graph_ms']*1e3:.1f} | "
               f"{r['graph_speedup']:.2f}x | {r['host_us']:.1f} | {r['gbps']:.0f} | {r['torch_ms']*1e3:.1f} | "
-              f"{r['rel_err']:.1e} | {'ok' if r['ok'] else 'FAIL'} |")
+              f"{r['rel_err']:.1e} | {'ok' if r['ok'] else 'FAIL'} | {r['config']} |")
     small = [r for r in rows if r["M"] <= 16 and r["shape"].startswith("l3")]
     if small:
         for col, what in (("speedup", "eager"), ("graph_speedup", "CUDA graph")):
             by_fmt = {}
             for r in small:
-                by_fmt.setdefault(r["fmt"], []).append(r[col])
+                by_fmt.setdefault(f"{r['fmt']} {r['path']}", []).append(r[col])
             print(f"\nM <= 16, Llama-3-8B shapes, {what} (target >= 2.5x): " + ", ".join(
                 f"{f}: min {min(v):.2f}x / geomean {torch.tensor(v).log().mean().exp().item():.2f}x"
                 for f, v in by_fmt.items()))
@@ -260,14 +286,17 @@ def main(argv=None) -> int:
                     "(default mxfp4,nvfp4,mxint4)")
     ap.add_argument("--model", default=os.environ.get("PTQ_SMOLLM2"), help="model dir for the export check "
                     "(default $PTQ_SMOLLM2; skipped when unset)")
+    ap.add_argument("--path", choices=["old", "new", "both"], default="both", help="packed kernel: old (the tile "
+                    "GEMM at every M), new (the decode kernel at M <= 16) or both, side by side (default)")
     ap.add_argument("--no-export", action="store_true", help="skip the export / perplexity check")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1: "
                     "checks this script's code paths, measures nothing")
     args = ap.parse_args(argv)
+    paths = ("old", "new") if args.path == "both" else (args.path,)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         rows = kernel_table(["mxfp4", "nvfp4", "mxint4", "mxint8"], [("tiny 96->40", 96, 40)], [1, 3],
-                            torch_backend=True, device="cpu")
+                            torch_backend=True, device="cpu", paths=paths)
         print_table(rows)
         stories = os.environ.get("PTQ_STORIES260K", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                                   "models", "stories260k"))
@@ -285,7 +314,7 @@ def main(argv=None) -> int:
     ms = [1, 16] if args.quick else MS
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     t0 = time.perf_counter()
-    rows = kernel_table(formats, shapes, ms, torch_backend=not args.quick)
+    rows = kernel_table(formats, shapes, ms, torch_backend=not args.quick, paths=paths)
     print_table(rows)
     print(f"(kernel table: {time.perf_counter() - t0:.0f} s including compilation and autotuning)")
     if args.model and not args.no_export:

@@ -244,6 +244,232 @@ def _packed_matmul_kernel(
             _store_tile(y_ptr, total, offs_m, offs_n, M, N, stride_ym, OUT_BF16)
 
 
+# ---- decode-shape kernel (M <= 16): weight streaming ---------------------------------------------------------------
+# The tile kernel above feeds ``tl.dot(x, tl.trans(w))`` with a [BN, BK] weight decoded from single bytes and joined
+# nibble pairs: the join / transpose of the big operand costs register shuffles or a shared-memory round trip per
+# element. This kernel instead loads the codes as int32 words (8 nibbles, or 4 int8 codes) and never interleaves
+# them: nibble j of word c is element 8c + j, so the 8 nibble positions give 8 [BN, BKW] tiles whose reduction
+# indices are the K indices = j (mod 8) of the chunk. Summing over K in that permuted order changes nothing but the
+# fp32 accumulation order, and every step stays elementwise on [BN, NB, WPB] tensors (NB blocks of WPB words), so
+# the compiler decodes directly in the register layout the dot wants (checked in the sm_90 TTGIR: the pipelined
+# int32 codes are read from shared memory straight into the wgmma A-operand layout; no decoded value goes through
+# shared memory). The block scale is one [BN, NB] load broadcast along the words of its block; the activations of
+# a chunk are one contiguous load split into the per-position tiles by register renaming.
+#
+# Two reductions (MODE):
+#   0 dot: ``acc[BN, 16] = sum_j tl.dot(w_j[BN, BKW], x_j[BKW, 16])``: the decoded weight is the A operand in its
+#     natural K-contiguous layout, the activation (M padded to 16) the small B operand; stored transposed.
+#   1 fma (M == 1 only): ``acc[BN, BKW] += w_j * x_j[None, :]`` elementwise, one cross-thread sum at the end.
+# Split-K: as in the tile kernel (fp32 partials, last-arriving slice sums them in slice order: deterministic).
+@triton.jit
+def _decode_word(p, J: tl.constexpr, FMT: tl.constexpr):
+    """Element J of each int32 word (nibble J of 8, or byte J of 4) -> fp32, in the units `_word_scale` expects:
+    E2M1 value * 2^-126 (as `_decode_bytes`), MXINT4 / MXINT8 the integer code m plus 2^23 (exactly removed by
+    `_apply_scale`). Three integer-pipe operations per element:
+
+    E2M1: shift the nibble's sign to bit 31, then an arithmetic shift right by 6 copies it down to bit 25 and puts
+    the magnitude bits (e e m) at 24..22; one mask keeps the sign and the magnitude. MXINT: the code xor its sign
+    bit, or'ed into the mantissa of 2^23 (one LOP3), reads as 2^23 + 8 + m (nibble) / 2^23 + 128 + m (byte).
+    """
+    if FMT == 3:
+        v = ((((p >> (8 * J)) & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
+    elif FMT == 2:
+        v = ((((p >> (4 * J)) & 0xF) ^ 0x8) | 0x4B000000).to(tl.float32, bitcast=True)
+    else:
+        if J == 7:
+            t = p
+        else:
+            t = p << (28 - 4 * J)
+        v = ((t >> 6) & -2118123520).to(tl.float32, bitcast=True)  # mask 0x81C00000: sign, e e m
+    return v
+
+
+@triton.jit
+def _word_scale(s, FMT: tl.constexpr, SMALL_SCALES: tl.constexpr):
+    """uint8 scale codes -> the fp32 factor that turns `_decode_word` values into weights (NVFP4: up to the 2^-9
+    that multiplies the global scale, as in `_accumulate_chunk`)."""
+    if FMT == 0:
+        if SMALL_SCALES:
+            f = ((s.to(tl.int32) + 126) << 23).to(tl.float32, bitcast=True)
+        else:
+            f = _decode_scale(s, FMT)
+    elif FMT == 1:
+        f = _decode_scale(s, FMT) * 1.6615349947311448e35
+    else:
+        f = _decode_scale(s, FMT) * _scale_factor(FMT)
+    return f
+
+
+@triton.jit
+def _apply_scale(v, f, FMT: tl.constexpr, SMALL_SCALES: tl.constexpr):
+    """`_decode_word` values times the `_word_scale` factor: the exact weight (NVFP4: times 2^-9)."""
+    if FMT == 0 and not SMALL_SCALES:
+        w = (v * 8.507059173023462e37) * f  # 2^126 first: both products exact (see `_accumulate_chunk`)
+    elif FMT == 2:
+        w = (v - 8388616.0) * f  # 2^23 + 8 + m - (2^23 + 8) = m: exact
+    elif FMT == 3:
+        w = (v - 8388736.0) * f  # 2^23 + 128 + m - (2^23 + 128)
+    else:
+        w = v * f
+    return w
+
+
+@triton.jit
+def _split_even_odd(x, LAST: tl.constexpr):
+    """x[..., LAST] -> (x[..., 0::2], x[..., 1::2]); the last axis is held within each thread, so this only renames
+    registers. A size-2 result axis is dropped (its two halves are the two elements)."""
+    if LAST == 2:
+        a, b = tl.split(x)
+    else:
+        if len(x.shape) == 3:
+            a, b = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], LAST // 2, 2)))
+        else:
+            a, b = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2], LAST // 2, 2)))
+    return a, b
+
+
+@triton.jit
+def _word_step(acc, p, f, xj, J: tl.constexpr, FMT: tl.constexpr, DOT_FP32: tl.constexpr,
+               SMALL_SCALES: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+    """acc += products of element J of every word (codes p [BN, NB, WPB], factors f [BN, NB, 1]) with the matching
+    activations xj ([BKW, 16] for the dot, [NB, WPB] for the FMA reduction)."""
+    w = _apply_scale(_decode_word(p, J, FMT), f, FMT, SMALL_SCALES)  # [BN, NB, WPB]
+    if MODE == 0:
+        w2 = tl.reshape(w, (BN, BKW))
+        if DOT_FP32:
+            acc += tl.dot(w2, xj.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(w2.to(xj.dtype), xj)
+    else:
+        acc += w * xj.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
+def _decode_chunk(acc, c, x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, K, KB, stride_xm, stride_wn,
+                  stride_sn, FMT: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
+                  SMALL_SCALES: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+    """acc += the products of one chunk of BKW words (BKW * EPW reduction indices) of every row in the tile.
+
+    The codes are loaded as a [BN, NB, WPB] tile (NB whole blocks of WPB words) and the scales as [BN, NB]: the
+    scale then broadcasts along the last axis, the one each thread holds contiguously, so the codes and the
+    scales keep one register layout and no decoded value moves between threads. The activations of the chunk are
+    one contiguous load with the element-in-word index as the last axis, split into the EPW per-position tiles
+    by register renaming."""
+    EPW: tl.constexpr = 4 if FMT == 3 else 8  # elements per int32 word
+    WPB: tl.constexpr = BLOCK // EPW  # words per scale block
+    NB: tl.constexpr = BKW // WPB  # blocks per chunk
+    offs_b = c * NB + tl.arange(0, NB)
+    b_ok = offs_b < KB
+    offs_w = offs_b[:, None] * WPB + tl.arange(0, WPB)[None, :]  # [NB, WPB] word index
+    p = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_w[None, :, :],
+                mask=n_mask[:, None, None] & b_ok[None, :, None], other=0)
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_b[None, :], mask=n_mask[:, None] & b_ok[None, :],
+                other=127)
+    f = _word_scale(s, FMT, SMALL_SCALES)[:, :, None]
+    offs_e = tl.arange(0, EPW)
+    if MODE == 0:
+        offs_k = tl.reshape(offs_w, (BKW,))[:, None, None] * EPW + offs_e[None, None, :]  # [BKW, 1, EPW]
+        xa = tl.load(x_ptr + offs_m[None, :, None] * stride_xm + offs_k,
+                     mask=(offs_k < K) & m_mask[None, :, None], other=0.0)  # [BKW, 16, EPW]
+    else:
+        offs_k = offs_w[:, :, None] * EPW + offs_e[None, None, :]  # [NB, WPB, EPW]
+        xa = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
+    x_e, x_o = _split_even_odd(xa, EPW)  # j = 0 2 4 6 / 1 3 5 7 (or 0 2 / 1 3)
+    if EPW == 8:
+        x_04, x_26 = _split_even_odd(x_e, 4)
+        x_15, x_37 = _split_even_odd(x_o, 4)
+        x0, x4 = _split_even_odd(x_04, 2)
+        x2, x6 = _split_even_odd(x_26, 2)
+        x1, x5 = _split_even_odd(x_15, 2)
+        x3, x7 = _split_even_odd(x_37, 2)
+        acc = _word_step(acc, p, f, x0, 0, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x1, 1, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x2, 2, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x3, 3, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x4, 4, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x5, 5, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x6, 6, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x7, 7, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+    else:
+        x0, x2 = _split_even_odd(x_e, 2)
+        x1, x3 = _split_even_odd(x_o, 2)
+        acc = _word_step(acc, p, f, x0, 0, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x1, 1, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x2, 2, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+        acc = _word_step(acc, p, f, x3, 3, FMT, DOT_FP32, SMALL_SCALES, MODE, BN, BKW)
+    return acc
+
+
+@triton.jit
+def _packed_decode_kernel(
+    x_ptr, w_ptr, s_ptr, g_ptr, y_ptr, part_ptr, cnt_ptr,
+    M, N, K, KB, stride_xm, stride_wn, stride_sn, stride_ym,
+    M_BUCKET,  # autotuning key only
+    KB_CONST: tl.constexpr, FMT: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr,
+    DOT_FP32: tl.constexpr, SMALL_SCALES: tl.constexpr,
+    MODE: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    MP: tl.constexpr = 16 if MODE == 0 else 1  # output rows per program (M padded)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, MP)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    EPW: tl.constexpr = 4 if FMT == 3 else 8
+    if MODE == 0:
+        acc = tl.zeros((BN, MP), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BN, BKW // (BLOCK // EPW), BLOCK // EPW), dtype=tl.float32)
+    NB: tl.constexpr = BKW // (BLOCK // EPW)  # scale blocks per chunk
+    if KB_CONST > 0:  # interpreter: compile-time loop bound (see the tile kernel)
+        per_split_c: tl.constexpr = ((KB_CONST + NB - 1) // NB + SPLIT_K - 1) // SPLIT_K
+        for i in range(per_split_c):
+            acc = _decode_chunk(acc, pid_k * per_split_c + i, x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask,
+                                K, KB, stride_xm, stride_wn, stride_sn, FMT, BLOCK, DOT_FP32, SMALL_SCALES, MODE, BN,
+                                BKW)
+    else:
+        per_split = tl.cdiv(tl.cdiv(KB, NB), SPLIT_K)
+        for i in range(0, per_split):
+            acc = _decode_chunk(acc, pid_k * per_split + i, x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask,
+                                K, KB, stride_xm, stride_wn, stride_sn, FMT, BLOCK, DOT_FP32, SMALL_SCALES, MODE, BN,
+                                BKW)
+    if MODE == 0:
+        out = acc
+    else:
+        out = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), (BN, MP))
+    if FMT == 1:
+        out = out * (tl.load(g_ptr) * 512.0)
+    tile_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        _store_tile_t(y_ptr, out, offs_m, offs_n, tile_mask, stride_ym, OUT_BF16)
+    else:
+        part = part_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
+        tl.store(part, out, mask=tile_mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BN, MP), dtype=tl.float32)
+            for s_idx in range(SPLIT_K):  # fixed order: deterministic sum
+                p_ptrs = part_ptr + (s_idx * M + offs_m[None, :]) * N + offs_n[:, None]
+                total += tl.load(p_ptrs, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+            _store_tile_t(y_ptr, total, offs_m, offs_n, tile_mask, stride_ym, OUT_BF16)
+
+
+@triton.jit
+def _store_tile_t(y_ptr, acc, offs_m, offs_n, mask, stride_ym, OUT_BF16: tl.constexpr):
+    """Store an [BN, MP] (transposed) accumulator tile into the row-major [M, N] output."""
+    ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    if OUT_BF16:
+        b = acc.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        tl.store(ptrs, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, acc, mask=mask)
+
+
 # ---- configurations -----------------------------------------------------------------------------------------------
 def _cfg(bm, bn, bk, split, warps=4, stages=3):
     return triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
@@ -305,6 +531,82 @@ def _interpreter_config(m: int, n: int, kp: int, block: int) -> dict:
     return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": 1}
 
 
+# ---- decode-path configurations --------------------------------------------------------------------------------------
+DECODE_MAX_M = 16  # the decode kernel pads M to 16 (dot) or takes M == 1 (FMA); larger M: the tile kernel
+
+
+def _dcfg(mode, bn, bkw, split, warps=4, stages=3):
+    return triton.Config({"MODE": mode, "BN": bn, "BKW": bkw, "SPLIT_K": split}, num_warps=warps,
+                         num_stages=stages)
+
+
+# Weight streaming wants roughly 1-8 CTAs per SM (132 on an H100) with several loads in flight each: small BN and
+# split-K for N = 1024..4096, larger BN for N = 14336. The space is wide on purpose (pruned by shape below) so that
+# one autotuning run per shape picks the tile, the split and, at M = 1, the reduction (tensor-core dot vs FMA), yet
+# small enough to compile quickly (configs are shared across shapes: N and K are runtime arguments). BN 64 / 128
+# with 4 / 8 warps use Hopper's wgmma, BN 32 the mma.sync path; the dot path's code, scale and activation loads are
+# software-pipelined through shared memory (3 stages).
+_DOT_CONFIGS = [_dcfg(0, bn, bkw, sk, w, 3) for bn, bkw, w in ((32, 32, 4), (64, 16, 4), (64, 32, 4), (128, 32, 8))
+                for sk in (1, 2, 4, 8)]
+_FMA_CONFIGS = [_dcfg(1, bn, bkw, sk, 4, 2) for bn, bkw in ((32, 16), (32, 32), (64, 16)) for sk in (1, 2, 4, 8)]
+_DECODE_CONFIGS = {1: _FMA_CONFIGS + _DOT_CONFIGS, DECODE_MAX_M: _DOT_CONFIGS}
+DECODE_MIN_CTAS, DECODE_MAX_CTAS = 96, 1600  # pruning window for cdiv(N, BN) * SPLIT_K
+
+
+def _elems_per_word(fmt: int) -> int:
+    return 8 if is_packed_nibbles(fmt) else 4
+
+
+def _decode_ok(cfg: dict, fmt: int, block: int, kb: int, m: int, tuning: bool = True) -> bool:
+    """Whether a decode config can run this shape: whole scale blocks per chunk (a power of two of them), a dot
+    reduction of >= 16, M == 1 for the FMA reduction; when tuning also >= 2 chunks per K-slice (fewer only wastes
+    CTAs: a slice past K adds zeros)."""
+    wpb = block // _elems_per_word(fmt)
+    bkw = cfg["BKW"]
+    if bkw % wpb or (cfg["MODE"] == 0 and bkw < 16) or (cfg["MODE"] == 1 and m != 1):
+        return False
+    nb = bkw // wpb
+    if nb & (nb - 1):
+        return False
+    return not tuning or cfg["SPLIT_K"] == 1 or _cdiv(kb, nb) >= 2 * cfg["SPLIT_K"]
+
+
+def _decode_prune(configs, named_args, **kwargs):
+    n, kb, m = named_args["N"], named_args["KB"], named_args["M"]
+    fmt, block = kwargs["FMT"], kwargs["BLOCK"]
+    ok = [c for c in _DECODE_CONFIGS[named_args["M_BUCKET"]] if _decode_ok(c.kwargs, fmt, block, kb, m)]
+    if not ok:  # e.g. BLOCK 128 MXINT8 (32 words per block): one block per chunk
+        wpb = block // _elems_per_word(fmt)
+        return [_dcfg(0, 64, max(16, wpb), 1)]
+    inside = [c for c in ok if DECODE_MIN_CTAS <= _cdiv(n, c.kwargs["BN"]) * c.kwargs["SPLIT_K"] <= DECODE_MAX_CTAS]
+    if inside:
+        return inside
+    most = max(_cdiv(n, c.kwargs["BN"]) * c.kwargs["SPLIT_K"] for c in ok)  # small N: as many CTAs as possible
+    return [c for c in ok if _cdiv(n, c.kwargs["BN"]) * c.kwargs["SPLIT_K"] == most]
+
+
+_decode_autotuned = None
+
+
+def _tuned_decode_kernel():
+    global _decode_autotuned  # built once, on the first CUDA call
+    if _decode_autotuned is None:
+        all_cfgs = _FMA_CONFIGS + _DOT_CONFIGS
+        _decode_autotuned = triton.autotune(
+            configs=all_cfgs, key=["M_BUCKET", "N", "K", "FMT", "BLOCK", "OUT_BF16", "SMALL_SCALES"],
+            prune_configs_by={"early_config_prune": _decode_prune},
+            do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
+        )(_packed_decode_kernel)
+    return _decode_autotuned
+
+
+def _decode_interpreter_config(m: int, n: int, kb: int, fmt: int, block: int) -> dict:
+    """Few, large programs (each interpreted program costs ~10-20 ms); FMA at M == 1."""
+    wpb = block // _elems_per_word(fmt)
+    bkw = max(16, wpb, min(64, _next_pow2(kb * wpb)))
+    return {"MODE": 1 if m == 1 else 0, "BN": max(16, min(64, _next_pow2(n))), "BKW": bkw, "SPLIT_K": 1}
+
+
 # ---- workspace ------------------------------------------------------------------------------------------------------
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per-device split-K tile counters (kept at zero between calls)
 _BEST: dict[tuple, dict] = {}  # launcher-side copy of the autotuner's choice (launch kwargs) per tuning key
@@ -317,6 +619,27 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
+
+
+_WORKSPACE: dict[torch.device, torch.Tensor] = {}  # decode path's split-K fp32 partials, per device
+_RETIRED: list[torch.Tensor] = []  # outgrown workspaces: CUDA graphs captured earlier may still point into them
+_PLANS: dict[tuple, tuple] = {}  # decode path: per static call key, (grid, constexprs) of the chosen config
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """A persistent fp32 buffer of >= numel elements (no per-call allocation on the decode path). Like the
+    counters, it is shared by the split-K launches on one device, which must therefore not run concurrently on
+    several streams. Never cached when allocated during a CUDA graph capture (that memory belongs to the graph)."""
+    buf = _WORKSPACE.get(device)
+    if buf is not None and buf.numel() >= numel:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    new = torch.empty(max(numel, 1 << 18), dtype=torch.float32, device=device)
+    if buf is not None:
+        _RETIRED.append(buf)
+    _WORKSPACE[device] = new
+    return new
 
 
 def max_scale_code(scales: torch.Tensor) -> int | None:
@@ -349,6 +672,7 @@ def packed_matmul(
     global_scale: torch.Tensor | None = None,
     config: dict | None = None,
     max_scale_code: int | None = None,
+    path: str = "auto",
 ) -> torch.Tensor:
     """``x @ dequantize(W)^T`` with W given as packed codes and uint8 scale codes, without materialising W.
 
@@ -362,8 +686,11 @@ def packed_matmul(
         max_scale_code: the largest E8M0 code in ``scales`` as a Python int (see `max_scale_code`; callers that keep
             the weight compute it once and cache it). Codes <= 128 let MXFP4 use one multiply per element; None: the
             general two-multiply path (same bits), never a device sync. It must not understate the true maximum.
-        config: force a tile configuration ``{"BM", "BN", "BK", "SPLIT_K"}`` (benchmarks / tests); default: autotuned
-            on CUDA, large tiles under the interpreter.
+        config: force a configuration (benchmarks / tests): ``{"BM", "BN", "BK", "SPLIT_K"}`` for the tile kernel,
+            ``{"MODE", "BN", "BKW", "SPLIT_K"}`` (plus optional ``num_warps`` / ``num_stages``) for the decode kernel;
+            default: autotuned on CUDA, large tiles under the interpreter.
+        path: ``"auto"`` (the decode kernel for M <= 16 rows when the codes can be read as int32 words, else the
+            tile kernel), ``"tile"`` or ``"decode"`` (forced; benchmarks / tests).
     Returns:
         ``[..., N]`` in x's dtype.
     """
@@ -399,15 +726,29 @@ def packed_matmul(
     y = out.view(torch.int16) if out_bf16 else (out if x.dtype == torch.float32 else
                                                  torch.empty((m, n), dtype=torch.float32, device=x.device))
     g = global_scale if global_scale is not None else scales  # unused pointer for MX formats
+    if max_scale_code is not None and not isinstance(max_scale_code, int):
+        raise QuantSpecError(f"packed_matmul: max_scale_code must be a Python int (computed once with "
+                             f"max_scale_code(scales)), got {type(max_scale_code).__name__}")
+    small = fmt == FMT_MXFP4 and max_scale_code is not None and max_scale_code <= SMALL_SCALE_MAX_CODE
+    if path not in ("auto", "tile", "decode"):
+        raise QuantSpecError(f"packed_matmul: path must be 'auto', 'tile' or 'decode', not {path!r}")
+    decode_cfg = config is not None and "BKW" in config
+    use_decode = path == "decode" or decode_cfg or (
+        path == "auto" and m <= DECODE_MAX_M and config is None and _word_readable(codes) and scales.stride(-1) == 1)
+    if use_decode:
+        if m > DECODE_MAX_M or not _word_readable(codes) or scales.stride(-1) != 1 or (config is not None
+                                                                                       and not decode_cfg):
+            raise QuantSpecError(f"packed_matmul: the decode path needs M <= {DECODE_MAX_M}, int32-aligned "
+                                 f"contiguous code rows and a decode config {{MODE, BN, BKW, SPLIT_K}}")
+        _decode_launch(x2, codes, scales, g, y, m, n, k, kp, fmt, block, out_bf16, small, config)
+        if y is not out and not out_bf16:
+            out.copy_(y)
+        return out.reshape(*lead, n)
     use_split = m <= SPLIT_K_MAX_M
     # split-K workspace: from the caching allocator (no sync, no zeroing: every slot read is written first), so a
     # CUDA graph capture gets its own; the tile counters are a persistent zeroed buffer the kernel resets itself
     part = torch.empty((MAX_SPLIT_K, m, n) if use_split else (1,), dtype=torch.float32, device=x.device)
     cnt = _counters(x.device, _cdiv(SPLIT_K_MAX_M, 16) * _cdiv(n, 16))  # >= tiles of any split launch
-    if max_scale_code is not None and not isinstance(max_scale_code, int):
-        raise QuantSpecError(f"packed_matmul: max_scale_code must be a Python int (computed once with "
-                             f"max_scale_code(scales)), got {type(max_scale_code).__name__}")
-    small = fmt == FMT_MXFP4 and max_scale_code is not None and max_scale_code <= SMALL_SCALE_MAX_CODE
     common = dict(KP_CONST=0 if x.is_cuda else kp, FMT=fmt, BLOCK=block, OUT_BF16=out_bf16,
                   DOT_FP32=x.dtype == torch.float32 or not x.is_cuda, SMALL_SCALES=small)
     bucket = _bucket(m)
@@ -435,3 +776,46 @@ def packed_matmul(
     if y is not out and not out_bf16:
         out.copy_(y)
     return out.reshape(*lead, n)
+
+
+def _word_readable(codes: torch.Tensor) -> bool:
+    """Whether the code rows can be read as int32 words (contiguous rows, 4-byte aligned)."""
+    return (codes.stride(-1) == 1 and codes.stride(0) % 4 == 0 and codes.shape[-1] % 4 == 0
+            and codes.storage_offset() % 4 == 0)
+
+
+def _decode_launch(x2, codes, scales, g, y, m, n, k, kp, fmt, block, out_bf16, small, config) -> None:
+    """Launch the decode kernel (autotuned per shape on CUDA unless ``config`` is given). After the first call for a
+    static key the chosen grid and constexprs are kept, so later calls skip the autotuner's per-call work."""
+    dev = x2.device
+    kb = kp // block
+    w32 = codes.view(torch.int32)
+    bucket = 1 if m == 1 else DECODE_MAX_M
+    part = _workspace(dev, MAX_SPLIT_K * m * n)  # persistent: no allocation per call
+    cnt = _counters(dev, _cdiv(n, 16))  # >= tiles of any decode launch (BN >= 16)
+    args = (x2, w32, scales, g, y, part, cnt, m, n, k, kb, x2.stride(0), w32.stride(0), scales.stride(0),
+            y.stride(0), bucket)
+    if config is None and x2.is_cuda:
+        key = (bucket, n, k, kp, fmt, block, out_bf16, small, x2.dtype, dev)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            _packed_decode_kernel[plan[0]](*args, **plan[1])
+            return
+        common = dict(KB_CONST=0, FMT=fmt, BLOCK=block, OUT_BF16=out_bf16, DOT_FP32=x2.dtype == torch.float32,
+                      SMALL_SCALES=small)
+        tuned = _tuned_decode_kernel()
+        tuned[lambda meta: (_cdiv(n, meta["BN"]), meta["SPLIT_K"])](*args, **common)
+        best = tuned.best_config.all_kwargs()
+        _PLANS[key] = ((_cdiv(n, best["BN"]), best["SPLIT_K"]), {**common, **best})
+        return
+    cfg = dict(config) if config is not None else _decode_interpreter_config(m, n, kb, fmt, block)
+    if (not _decode_ok(cfg, fmt, block, kb, m, tuning=False) or not 1 <= cfg["SPLIT_K"] <= MAX_SPLIT_K
+            or cfg["BN"] < 16 or cfg["BN"] & (cfg["BN"] - 1)):
+        raise QuantSpecError(f"packed_matmul: decode config {cfg} does not fit this call (BKW a multiple of the "
+                             f"{block // _elems_per_word(fmt)} words per block and >= 16 for MODE 0, MODE 1 only "
+                             f"at M == 1, BN a power of two >= 16, 1 <= SPLIT_K <= {MAX_SPLIT_K})")
+    tiles = {k_: cfg[k_] for k_ in ("MODE", "BN", "BKW", "SPLIT_K")}
+    launch = {k_: v for k_, v in cfg.items() if k_ in ("num_warps", "num_stages")}
+    common = dict(KB_CONST=0 if x2.is_cuda else kb, FMT=fmt, BLOCK=block, OUT_BF16=out_bf16,
+                  DOT_FP32=x2.dtype == torch.float32 or not x2.is_cuda, SMALL_SCALES=small)
+    _packed_decode_kernel[(_cdiv(n, tiles["BN"]), tiles["SPLIT_K"])](*args, **common, **tiles, **launch)
