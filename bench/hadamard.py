@@ -1,13 +1,29 @@
-"""Benchmark: fused Hadamard rotate + MX fake-quantize vs quantize alone, and the Triton FWHT vs the torch reference.
+"""Benchmark: fused Hadamard rotate + MX fake-quantize vs quantize alone, per kernel variant (and the Triton FWHT).
 
-    PYTHONPATH=. python bench/hadamard.py [--quick] [--search] [--model DIR]
+Also compares the Triton FWHT with the torch reference (full runs only).
 
-Activations of shape 8 x 2048 x {576, 1536, 4096, 8192} in bf16, MXINT4 / MXFP4 blocks of 32, rotations "full"
-(the whole hidden dim; 576 = 36 x 16 and 1536 = 12 x 128 use the known orders) and block-diagonal 32 / 64 / 128.
-Ratios are against `fake_quantize` alone measured in the same run (target: fused <= 1.2x). Every configuration is
-first checked bit-exact against the torch reference. ``--search`` also times the rotation search of
-``recipes/w4a4kv4_gptq_rot.toml`` (without GPTQ) on the model in ``--model`` / ``$PTQ_SMOLLM2`` and prints the chosen
-types. Exits cleanly without CUDA.
+    PYTHONPATH=. python bench/hadamard.py [--quick] [--variants V1,V2,...] [--search] [--model DIR]
+    PYTHONPATH=. python bench/hadamard.py --sass [--quick] [--variants ...]    # offline, no GPU needed
+
+Activations 8 x 2048 x dim in bf16, MXINT4 blocks of 32 (``--quick``: dims 576 and 4096, rotations full / block 32 /
+block 64; otherwise also 1536 and 8192, block 128 and MXFP4). 576 = 36 x 16 and 1536 = 12 x 128 use the known
+orders. Times are GPU time from ``triton.testing.do_bench_cudagraph`` (CUDA-graph replay, so host launch cost is
+excluded on both sides); the "eager" column is host-inclusive back-to-back launches timed with events. Ratios are
+against ``fake_quantize`` alone measured in the same run (target: fused <= 1.2x).
+
+Variants (``ptq.kernels.hadamard._env_config``; identical bits, different speed), written as '/'-joined tokens:
+``default`` (the shipped configuration), a butterfly mode (``r2``, ``r4``, ``xor``, ``xorK`` = K partner-fetch
+stages then radix-4), a tile ``ELEMSxWARPS`` (e.g. ``4096x8``), ``g1`` / ``g4`` (mixing rows one / four at a time,
+m > 1 only). E.g. ``--variants default,r4,xor5/8192x8``. Without ``--variants`` each case gets a short list chosen
+for it. Every variant is first checked bit-exact against the torch reference. The last lines print the
+"fused / quantize-alone" summary for the default configuration and for the best variant of each case.
+``--search`` also times the rotation search of ``recipes/w4a4kv4_gptq_rot.toml`` (without GPTQ) on the model in
+``--model`` / ``$PTQ_SMOLLM2``. Exits cleanly without CUDA.
+
+``--sass`` needs no GPU: it compiles each case's variants for sm_90 (``triton.compile`` with a CUDA target, the
+ptxas / nvdisasm shipped with triton) and prints SASS instructions per element, shared-memory bytes, barriers and
+shuffles. The kernels are instruction-bound (an H100 issues ~30 T thread-instructions/s, so memory speed allows
+~40 per bf16 element read and written), so these counts predict most of the ranking.
 """
 
 from __future__ import annotations
@@ -17,8 +33,55 @@ import os
 import sys
 import time
 
+_ENV = ("PTQ_HADAMARD_VARIANT", "PTQ_HADAMARD_TILE", "PTQ_HADAMARD_MIXG", "PTQ_HADAMARD_UNROLL", "PTQ_HADAMARD_RADIX")
 
-def _time_ms(fn, iters: int) -> float:
+
+def variant_env(variant: str) -> dict[str, str]:
+    """Environment overrides of one variant string (see the module docstring)."""
+    env: dict[str, str] = {}
+    if variant == "default":
+        return env
+    for tok in variant.split("/"):
+        if tok in ("r2", "r4", "xor") or (tok.startswith("xor") and tok[3:].isdigit()):
+            env["PTQ_HADAMARD_VARIANT"] = tok
+        elif "x" in tok and all(part.isdigit() for part in tok.split("x", 1)):
+            env["PTQ_HADAMARD_TILE"] = tok.replace("x", ",")
+        elif tok in ("g1", "g4"):
+            env["PTQ_HADAMARD_MIXG"] = tok[1]
+        elif tok in ("u0", "u1"):
+            env["PTQ_HADAMARD_UNROLL"] = tok[1]
+        else:
+            raise SystemExit(f"bench/hadamard.py: unknown variant token {tok!r} in {variant!r}")
+    return env
+
+
+class _Env:
+    """Set a variant's environment for the duration of a block (the launcher reads it on every call)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+
+    def __enter__(self):
+        self.saved = {k: os.environ.pop(k) for k in _ENV if k in os.environ}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k in _ENV:
+            os.environ.pop(k, None)
+        os.environ.update(self.saved)
+
+
+def default_variants(rot) -> list[str]:
+    """A short list per case: the default, the other butterfly formulations, two other tiles."""
+    if rot.m > 1:
+        return ["default", "g1", "r2", "8192x8"]
+    if rot.p >= 512:
+        return ["default", "r4", "xor5", "4096x8", "4096x2"]
+    return ["default", "r4", "r2", "2048x2", "8192x8"]
+
+
+def _time_eager_ms(fn, iters: int) -> float:
+    """Host-inclusive: back-to-back eager launches timed with events (best of 3)."""
     import torch
 
     for _ in range(3):
@@ -36,73 +99,196 @@ def _time_ms(fn, iters: int) -> float:
     return best
 
 
-def kernels(quick: bool) -> None:
+def _time_graph_ms(fn, rep: int) -> float:
+    """GPU time per call from CUDA-graph replay (median)."""
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+
+
+def kernels(quick: bool, variants: list[str] | None, dims: list[int] | None = None) -> None:
     import torch
 
     from ptq.formats import QuantSpec
     from ptq.hadamard import rotate_reference
-    from ptq.kernels.hadamard import fusable, rotate_fake_quantize, triton_rotate
+    from ptq.kernels.hadamard import default_config, fusable, rotate_fake_quantize, triton_rotate
     from ptq.modules.rotation import HadamardRotation
     from ptq.quantizers import fake_quantize
 
-    dims = [576, 4096] if quick else [576, 1536, 4096, 8192]
-    rots = [("full", None), ("block", 32), ("block", 64), ("block", 128)]
+    dims = dims or ([576, 4096] if quick else [576, 1536, 4096, 8192])
+    rots = [("full", None), ("block", 32), ("block", 64)] + ([] if quick else [("block", 128)])
     specs = [QuantSpec.mxint(4)] if quick else [QuantSpec.mxint(4), QuantSpec.mxfp("e2m1")]
-    iters = 5 if quick else 20
+    rep = 10 if quick else 25
+    iters = 10 if quick else 20
+    t_start = time.perf_counter()
+
+    print(f"device: {torch.cuda.get_device_name()}; x = 8 x 2048 x dim, bf16; ms; 'graph' = CUDA-graph GPU time "
+          f"(median), 'eager' = host-inclusive back-to-back launches")
+    print()
+    print("| dim | rotation | format | variant | config | graph | eager | graph / quantize | exact |")
+    print("|---:|---|---|---|---|---:|---:|---:|:---:|")
+    summary = []  # (case, t_quant_graph, t_quant_eager, t_default, t_unfused, best_variant, t_best, all_exact)
+    for dim in dims:
+        x = torch.randn(8, 2048, dim, device="cuda", dtype=torch.bfloat16)
+        for kind, block in rots:
+            if block is not None and dim % block:
+                continue
+            rot = HadamardRotation(dim, kind, block).cuda()
+            for spec in specs:
+                case = f"{dim} {kind}{'' if block is None else f' {block}'} {spec.name}"
+                expect = fake_quantize(rotate_reference(x, dim, kind=kind, block_size=block), spec,
+                                       backend="torch").view(torch.int16)
+                tq = _time_graph_ms(lambda: fake_quantize(x, spec), rep)
+                tqe = _time_eager_ms(lambda: fake_quantize(x, spec), iters)
+                print(f"| {dim} | {case.split(' ', 1)[1].rsplit(' ', 1)[0]} | {spec.name} | quantize alone | - | "
+                      f"{tq:.4f} | {tqe:.4f} | 1.00x | - |")
+                unfused = _time_graph_ms(lambda: fake_quantize(triton_rotate(x, rot), spec), rep)
+                print(f"| {dim} | | | rotate, then quantize (2 kernels) | - | {unfused:.4f} | - | "
+                      f"{unfused / tq:.2f}x | - |")
+                times = {}
+                all_exact = True
+                for v in variants or default_variants(rot):
+                    with _Env(variant_env(v)):
+                        from ptq.kernels.hadamard import _env_config
+
+                        cfg = _env_config(default_config(rot))
+                        got = rotate_fake_quantize(x, rot, spec)  # compiles; then the bit check
+                        exact = torch.equal(got.view(torch.int16), expect)
+                        all_exact &= exact
+                        tg = _time_graph_ms(lambda: rotate_fake_quantize(x, rot, spec), rep)
+                        te = _time_eager_ms(lambda: rotate_fake_quantize(x, rot, spec), iters)
+                    times[v] = tg
+                    mode = {0: "r2", 1: "r4", 2: "xor"}[cfg.mode]
+                    conf = (f"{mode}{'' if cfg.mode != 2 or cfg.xor_stages < 0 else cfg.xor_stages} "
+                            f"{cfg.elems}x{cfg.warps}" + (f" g{cfg.mix_group}" if rot.m > 1 else ""))
+                    print(f"| {dim} | | | {v}{'' if fusable(x, rot, spec) else ' (NOT fused)'} | {conf} | "
+                          f"{tg:.4f} | {te:.4f} | {tg / tq:.2f}x | {'yes' if exact else 'NO'} |", flush=True)
+                best = min(times, key=times.get)
+                summary.append((case, tq, tqe, times.get("default", float("nan")), unfused, best, times[best],
+                                all_exact))
+        del x
+        torch.cuda.empty_cache()
+
+    print()
+    print("| case | quantize graph | quantize eager | fused default | ratio | best variant | best | ratio | "
+          "unfused ratio | exact |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|:---:|")
+    for case, tq, tqe, td, tu, bv, tb, ex in summary:
+        print(f"| {case} | {tq:.4f} | {tqe:.4f} | {td:.4f} | {td / tq:.2f}x | {bv} | {tb:.4f} | {tb / tq:.2f}x | "
+              f"{tu / tq:.2f}x | {'yes' if ex else 'NO'} |")
+    rd = sorted(td / tq for _, tq, _, td, *_ in summary)
+    rb = sorted(tb / tq for _, tq, _, _, _, _, tb, _ in summary)
+    print(f"\nkernel table took {time.perf_counter() - t_start:.0f} s")
+    print(f"best variants: {'; '.join(f'{c}: {bv}' for c, _, _, _, _, bv, _, _ in summary)}")
+    print(f"fused / quantize-alone (best variant per case): median {rb[len(rb) // 2]:.2f}x, max {max(rb):.2f}x")
+    print(f"fused / quantize-alone (CUDA-graph GPU time, default config): median {rd[len(rd) // 2]:.2f}x, "
+          f"max {max(rd):.2f}x (target <= 1.2x); all bit-exact: {'yes' if all(s[-1] for s in summary) else 'NO'}")
+    if not quick:
+        rotate_table(dims)
+
+
+def rotate_table(dims) -> None:
+    import torch
+
+    from ptq.hadamard import rotate_reference
+    from ptq.kernels.hadamard import triton_rotate
+    from ptq.modules.rotation import HadamardRotation
+
     try:
         import fast_hadamard_transform  # noqa: F401
         have_fht = True
     except ImportError:
         have_fht = False
-
-    print(f"device: {torch.cuda.get_device_name()}; x = 8 x 2048 x dim, bf16; times in ms (best of 3 x {iters})")
     print()
-    print("| dim | rotation | format | quantize | rotate+quantize (fused?) | ratio | exact |")
-    print("|---:|---|---|---:|---:|---:|:---:|")
-    ratios = []
-    for dim in dims:
-        x = torch.randn(8, 2048, dim, device="cuda", dtype=torch.bfloat16)
-        for kind, block in rots:
-            if block is not None and dim % block:
-                print(f"| {dim} | block {block} | - | - | n/a ({dim} is not a multiple of {block}) | - | - |")
-                continue
-            rot = HadamardRotation(dim, kind, block).cuda()
-            for spec in specs:
-                exact = torch.equal(rotate_fake_quantize(x, rot, spec).view(torch.int16),
-                                    fake_quantize(rotate_reference(x, dim, kind=kind, block_size=block), spec,
-                                                  backend="torch").view(torch.int16))
-                tq = _time_ms(lambda: fake_quantize(x, spec), iters)
-                tf = _time_ms(lambda: rotate_fake_quantize(x, rot, spec), iters)
-                ratios.append(tf / tq)
-                print(f"| {dim} | {kind}{'' if block is None else f' {block}'} | {spec.name} | {tq:.3f} | {tf:.3f} "
-                      f"({'yes' if fusable(x, rot, spec) else 'no'}) | {tf / tq:.2f}x | {'yes' if exact else 'NO'} |")
-    print(f"\nfused / quantize-alone: median {sorted(ratios)[len(ratios) // 2]:.2f}x, max {max(ratios):.2f}x "
-          "(target <= 1.2x)")
-
-    print()
-    print("| dim | rotation | torch reference | triton | speed-up | triton radix-2 | exact |"
-          + (" fast_hadamard_transform |" if have_fht else ""))
-    print("|---:|---|---:|---:|---:|---:|:---:|" + ("---:|" if have_fht else ""))
-    for dim in dims + ([] if quick else [14336, 32768]):
+    print("| dim | rotation | torch reference | triton | speed-up | exact |" + (" fast_hadamard_transform |"
+                                                                             if have_fht else ""))
+    print("|---:|---|---:|---:|---:|:---:|" + ("---:|" if have_fht else ""))
+    for dim in dims + [14336, 32768]:
         x = torch.randn(8, 2048 if dim <= 8192 else 256, dim, device="cuda", dtype=torch.bfloat16)
         for kind, block in ([("full", None)] + ([] if dim > 8192 else [("block", 64)])):
             rot = HadamardRotation(dim, kind, block).cuda()
             exact = torch.equal(triton_rotate(x, rot).view(torch.int16),
                                 rotate_reference(x, dim, kind=kind, block_size=block).view(torch.int16))
-            tr = _time_ms(lambda: rotate_reference(x, dim, kind=kind, block_size=block), max(2, iters // 4))
-            tt = _time_ms(lambda: triton_rotate(x, rot), iters)
-            os.environ["PTQ_HADAMARD_RADIX"] = "2"  # one butterfly stage per register shuffle instead of two
-            t2 = _time_ms(lambda: triton_rotate(x, rot), iters)
-            os.environ.pop("PTQ_HADAMARD_RADIX")
+            tr = _time_graph_ms(lambda: rotate_reference(x, dim, kind=kind, block_size=block), 25)
+            tt = _time_graph_ms(lambda: triton_rotate(x, rot), 25)
             row = f"| {dim} | {kind}{'' if block is None else f' {block}'} | {tr:.3f} | {tt:.3f} | {tr / tt:.1f}x | " \
-                  f"{t2:.3f} | {'yes' if exact else 'NO'} |"
+                  f"{'yes' if exact else 'NO'} |"
             if have_fht:
                 if rot.m == 1:
                     fht = HadamardRotation(dim, kind, block, backend="fast_hadamard_transform").cuda()
-                    row += f" {_time_ms(lambda: fht(x), iters):.3f} |"
+                    row += f" {_time_graph_ms(lambda: fht(x), 25):.3f} |"
                 else:
                     row += " n/a (not a power of two) |"
             print(row)
+
+
+def sass(quick: bool, variants: list[str] | None, dims: list[int] | None = None) -> None:
+    """Offline: SASS instruction counts per element of every case / variant, compiled for sm_90."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ptq.formats import QuantSpec
+    from ptq.kernels import hadamard as H
+    from ptq.kernels.mx_quant import (EXACT_FP_OPTIONS, _fake_quant_kernel, _launch_constants)
+    from ptq.modules.rotation import HadamardRotation
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    target = GPUTarget("cuda", 90, 32)
+
+    def count(kernel, sig, const, warps, elems_per_program):
+        for k in const:
+            sig[k] = "constexpr"
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (_, v) in enumerate(sig.items()) if v.startswith("*")}
+        k = triton.compile(ASTSource(kernel, sig, const, attrs=attrs), target=target,
+                           options=dict(num_warps=warps, **EXACT_FP_OPTIONS))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        ops = collections.Counter(m.group(1) for m in re.finditer(
+            r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", text))
+        per = elems_per_program / (32 * warps)  # elements per thread
+        return (sum(ops.values()) / per, k.metadata.shared, ops["BAR"] / per, ops["SHFL"] / per,
+                (ops["LDS"] + ops["STS"]) / per)
+
+    spec = QuantSpec.mxint(4)
+    lk = _launch_constants(spec, None)
+    kw = {k: v for k, v in lk.kwargs.items() if k not in ("num_warps",) + tuple(EXACT_FP_OPTIONS)}
+    kw.update(EVEN=True, FULL=True, OUT_KIND=1, USE_I64=False)
+    sig = {"x_ptr": "*i16", "y_ptr": "*i16", "noise_ptr": "*i16", "g_ptr": "*i16", "total_blocks": "i32",
+           "L": "i32", "NB": "i32"}
+    q = count(_fake_quant_kernel, sig, kw, lk.kwargs["num_warps"], lk.bpp * lk.block_p2)
+    print(f"quantize alone ({spec.name}, bf16): {q[0]:.1f} SASS instructions per element")
+    print()
+    print("| dim | rotation | variant | config | instr / element | vs quantize | smem bytes | BAR / elem | "
+          "SHFL / elem | LDS+STS / elem |")
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for dim in dims or ([576, 4096] if quick else [576, 1536, 4096, 8192]):
+        for kind, block in [("full", None), ("block", 32), ("block", 64)] + ([] if quick else [("block", 128)]):
+            if block is not None and dim % block:
+                continue
+            rot = HadamardRotation(dim, kind, block)
+            for v in variants or default_variants(rot):
+                with _Env(variant_env(v)):
+                    cfg = H._env_config(H.default_config(rot))
+                t, meta = H.tile_meta(rot, spec, cfg, torch.bfloat16, gpu=True)
+                warps = meta.pop("num_warps")
+                meta.pop("enable_fp_fusion")
+                sig = {"x_ptr": "*i32" if meta["IN_KIND"] == 2 else "*i16", "s_ptr": "*fp32", "y_ptr": "*i16",
+                       "noise_ptr": "*i16", "n_flat": "i32", "scale": "fp32"}
+                n, smem, bar, shfl, lsts = count(H._rotate_kernel, sig, dict(meta, USE_I64=False), warps, t * rot.p)
+                mode = {0: "r2", 1: "r4", 2: "xor"}[cfg.mode]
+                conf = (f"{mode}{'' if cfg.mode != 2 or cfg.xor_stages < 0 else cfg.xor_stages} "
+                        f"{cfg.elems}x{cfg.warps}" + (f" g{cfg.mix_group}" if rot.m > 1 else ""))
+                print(f"| {dim} | {kind}{'' if block is None else f' {block}'} | {v} | {conf} | {n:.1f} | "
+                      f"{n / q[0]:.2f}x | {smem} | {bar:.2f} | {shfl:.2f} | {lsts:.2f} |", flush=True)
 
 
 def search(model_dir: str | None) -> None:
@@ -133,17 +319,28 @@ def search(model_dir: str | None) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer sizes and iterations")
+    ap.add_argument("--quick", action="store_true", help="dims 576 / 4096, MXINT4, fewer repetitions")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated variants for every case (default: a short list per case)")
+    ap.add_argument("--dims", default=None, help="comma-separated hidden sizes (default: by --quick)")
     ap.add_argument("--search", action="store_true", help="also time the rotation search on SmolLM2-135M")
+    ap.add_argument("--sass", action="store_true", help="offline (no GPU): SASS instruction counts per variant")
     ap.add_argument("--model", default=None, help="model directory for --search (default: $PTQ_SMOLLM2 or the "
                     "built-in default)")
     args = ap.parse_args(argv)
+    variants = args.variants.split(",") if args.variants else None
+    dims = [int(d) for d in args.dims.split(",")] if args.dims else None
+    for v in variants or []:
+        variant_env(v)  # refuse a bad variant before any GPU work
+    if args.sass:
+        sass(args.quick, variants, dims)
+        return 0
     import torch
 
     if not torch.cuda.is_available():
         print("bench/hadamard.py: no CUDA device; nothing to measure.")
         return 0
-    kernels(args.quick)
+    kernels(args.quick, variants, dims)
     if args.search:
         search(args.model)
     return 0

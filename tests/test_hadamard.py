@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ptq.errors import ModelError
+from ptq.errors import ModelError, PtqError
 from ptq.formats import QuantSpec
 from ptq.hadamard import (
     ISSUE_ORDERS,
@@ -218,3 +218,139 @@ def test_backend_dispatch(monkeypatch):
         HadamardRotation(96, backend="cuda")
     with pytest.raises(Exception, match="CUDA"):
         HadamardRotation(64, backend="fast_hadamard_transform")(torch.zeros(2, 64))
+
+
+# ---- kernel variants (ptq.kernels.hadamard.TileConfig; bench/hadamard.py times them on the GPU) -----------------
+_VARIANT_ENVS = [
+    {"PTQ_HADAMARD_VARIANT": "r2"},
+    {"PTQ_HADAMARD_VARIANT": "r4", "PTQ_HADAMARD_TILE": "512,1"},
+    {"PTQ_HADAMARD_VARIANT": "xor"},
+    {"PTQ_HADAMARD_VARIANT": "xor1", "PTQ_HADAMARD_MIXG": "1"},
+    {"PTQ_HADAMARD_VARIANT": "xor3", "PTQ_HADAMARD_UNROLL": "0"},
+    {"PTQ_HADAMARD_VARIANT": "xor2", "PTQ_HADAMARD_MIXG": "1", "PTQ_HADAMARD_UNROLL": "0",
+     "PTQ_HADAMARD_TILE": "1024,2"},
+]
+
+
+@pytest.mark.parametrize("env", _VARIANT_ENVS, ids=lambda e: "-".join(f"{k[13:]}={v}" for k, v in e.items()))
+@pytest.mark.parametrize("size,kind,block", [(256, "full", None), (48, "full", None), (576, "full", None),
+                                             (128, "block", 32), (128, "block", 64), (96, "block", 16)])
+def test_every_variant_is_bit_exact(monkeypatch, env, size, kind, block):
+    """Each butterfly formulation / tile / mixing form: the same bits as the reference, fused and unfused (bf16
+    takes the int32-pair load path, float32 the native one)."""
+    from ptq.kernels.hadamard import rotate_fake_quantize, triton_rotate
+    from ptq.quantizers import fake_quantize
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    g = torch.Generator().manual_seed(size + len(env))
+    rot = HadamardRotation(size, kind, block, backend="torch")
+    for dtype in (torch.bfloat16, torch.float32):
+        x = (torch.randn(3, 7, size, generator=g) * 2).to(dtype)  # 21 rows: the last program is partial
+        x[0, 0, :5] = -0.0
+        _assert_bits_equal(triton_rotate(x, rot), rot(x), f"rotate {env} {dtype}")
+        _assert_bits_equal(triton_rotate(x, rot, inverse=True), rot.inverse(x), f"inverse {env} {dtype}")
+        spec = QuantSpec.mxint(4)
+        _assert_bits_equal(rotate_fake_quantize(x, rot, spec, backend="triton"),
+                           fake_quantize(rot(x), spec, backend="torch"), f"fused {env} {dtype}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",  # inf arithmetic in the interpreter
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("variant", ["r2", "r4", "xor", "xor2"])
+def test_partner_fetch_survives_extreme_bit_patterns(monkeypatch, variant):
+    """The partner-fetch stage recovers a partner's bits as (v + partner) - v in wrapping int32 arithmetic: values
+    whose patterns overflow that sum (large negatives, -0.0, subnormals, infinities) must come through unchanged."""
+    from ptq.kernels.hadamard import triton_rotate
+
+    monkeypatch.setenv("PTQ_HADAMARD_VARIANT", variant)
+    vals = torch.tensor([-3.0e38, -1.0e-45, -0.0, 0.0, 3.0e38, -float("inf"), 1.0e-40, -2.5], dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x = vals[torch.randint(0, len(vals), (4, 64), generator=g)]
+    rot = HadamardRotation(64, backend="torch")
+    got, expect = triton_rotate(x, rot), rot(x)
+    nan = torch.isnan(expect)  # inf - inf: NaN on both sides (payloads may differ), everything else bit-exact
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(bits(got)[~nan], bits(expect)[~nan])
+
+
+def test_unaligned_bf16_input_uses_the_int16_path():
+    """A bf16 view at an odd element offset cannot be read as int32 pairs; the kernel falls back, same bits."""
+    from ptq.kernels.hadamard import rotate_fake_quantize
+
+    buf = torch.randn(1 + 5 * 64).to(torch.bfloat16)
+    x = buf[1:].view(5, 64)
+    assert x.data_ptr() % 4 != 0
+    rot = HadamardRotation(64, "block", 32, backend="torch")
+    from ptq.quantizers import fake_quantize
+
+    spec = QuantSpec.mxfp("e2m1")
+    _assert_bits_equal(rotate_fake_quantize(x, rot, spec, backend="triton"),
+                       fake_quantize(rot(x), spec, backend="torch"), "unaligned")
+
+
+def test_variant_environment_is_validated(monkeypatch):
+    from ptq.kernels.hadamard import MODE_RADIX4, MODE_XOR, _env_config, default_config
+
+    rot = HadamardRotation(4096)
+    base = default_config(rot)
+    assert base.mode == MODE_XOR and base.xor_stages == 3
+    assert default_config(HadamardRotation(64, "block", 32)).xor_stages == -1
+    monkeypatch.setenv("PTQ_HADAMARD_VARIANT", "r4")
+    monkeypatch.setenv("PTQ_HADAMARD_TILE", "8192,8")
+    cfg = _env_config(base)
+    assert (cfg.mode, cfg.elems, cfg.warps) == (MODE_RADIX4, 8192, 8)
+    for var, val, msg in [("PTQ_HADAMARD_VARIANT", "fast", "PTQ_HADAMARD_VARIANT"),
+                          ("PTQ_HADAMARD_TILE", "4096", "ELEMS,WARPS"),
+                          ("PTQ_HADAMARD_TILE", "3000,4", "power of two")]:
+        monkeypatch.setenv(var, val)
+        with pytest.raises(PtqError, match=msg):
+            _env_config(base)
+        monkeypatch.delenv(var)
+
+
+def test_bench_variants_parse_and_are_exact(monkeypatch):
+    """Every variant the GPU benchmark runs by default is a valid configuration with the reference's bits."""
+    import importlib.util
+    import os
+
+    from ptq.kernels.hadamard import _env_config, default_config, rotate_fake_quantize
+    from ptq.quantizers import fake_quantize
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "hadamard.py")
+    spec_ = importlib.util.spec_from_file_location("bench_hadamard", path)
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    spec = QuantSpec.mxint(4)
+    for size, kind, block in [(576, "full", None), (4096, "full", None), (128, "block", 32)]:
+        rot = HadamardRotation(size, kind, block, backend="torch")
+        x = torch.randn(2, size).to(torch.bfloat16)
+        expect = fake_quantize(rot(x), spec, backend="torch")
+        for v in bench.default_variants(rot):
+            with bench._Env(bench.variant_env(v)):
+                _env_config(default_config(rot))
+                _assert_bits_equal(rotate_fake_quantize(x, rot, spec, backend="triton"), expect, f"{size} {v}")
+    with pytest.raises(SystemExit):
+        bench.variant_env("xor/fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["r2", "r4", "xor", "xor3", "xor5"])
+@pytest.mark.parametrize("size,kind,block", [(4096, "full", None), (576, "full", None), (4096, "block", 32),
+                                             (8192, "full", None)])
+def test_gpu_variants_bit_exact(monkeypatch, variant, size, kind, block):
+    """The compiled paths the interpreter never takes (hardware bf16 rounding, int32-pair loads) in every
+    butterfly formulation, and both mixing forms."""
+    from ptq.kernels.hadamard import rotate_fake_quantize, triton_rotate
+    from ptq.quantizers import fake_quantize
+
+    monkeypatch.setenv("PTQ_HADAMARD_VARIANT", variant)
+    x = (torch.randn(77, size, device="cuda") * 3).to(torch.bfloat16)
+    rot = HadamardRotation(size, kind, block).cuda()
+    ref = rotate_reference(x, size, kind=kind, block_size=block)
+    for mixg in ("4", "1"):
+        monkeypatch.setenv("PTQ_HADAMARD_MIXG", mixg)
+        _assert_bits_equal(triton_rotate(x, rot), ref, f"rotate {variant} g{mixg}")
+        for spec in (QuantSpec.mxint(4), QuantSpec.int_(4, block_size=32)):  # bf16-exact store / rounded store
+            _assert_bits_equal(rotate_fake_quantize(x, rot, spec), fake_quantize(ref, spec, backend="torch"),
+                               f"fused {spec} {variant} g{mixg}")
