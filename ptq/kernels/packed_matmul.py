@@ -549,7 +549,11 @@ def _dcfg(mode, bn, bkw, split, warps=4, stages=3):
 _DOT_CONFIGS = [_dcfg(0, bn, bkw, sk, w, 3) for bn, bkw, w in ((32, 32, 4), (64, 16, 4), (64, 32, 4), (128, 32, 8))
                 for sk in (1, 2, 4, 8)]
 _FMA_CONFIGS = [_dcfg(1, bn, bkw, sk, 4, 2) for bn, bkw in ((32, 16), (32, 32), (64, 16)) for sk in (1, 2, 4, 8)]
-_DECODE_CONFIGS = {1: _FMA_CONFIGS + _DOT_CONFIGS, DECODE_MAX_M: _DOT_CONFIGS}
+# Measured on the H100 (bench/packed_matmul.py, CUDA graphs): at M = 1 the FMA reduction won every Llama-3-8B shape
+# (MXFP4 1.19-1.92x bf16 vs 1.13-1.67x for the tile kernel), while at M = 16 the decode kernel's dot path lost to
+# the tile kernel (1.06x vs 1.36x at 4096 x 4096). So "auto" sends only M = 1 here, and M = 1 tunes FMA configs only.
+_DECODE_CONFIGS = {1: _FMA_CONFIGS, DECODE_MAX_M: _DOT_CONFIGS}
+AUTO_DECODE_MAX_M = 1
 DECODE_MIN_CTAS, DECODE_MAX_CTAS = 96, 1600  # pruning window for cdiv(N, BN) * SPLIT_K
 
 
@@ -689,8 +693,8 @@ def packed_matmul(
         config: force a configuration (benchmarks / tests): ``{"BM", "BN", "BK", "SPLIT_K"}`` for the tile kernel,
             ``{"MODE", "BN", "BKW", "SPLIT_K"}`` (plus optional ``num_warps`` / ``num_stages``) for the decode kernel;
             default: autotuned on CUDA, large tiles under the interpreter.
-        path: ``"auto"`` (the decode kernel for M <= 16 rows when the codes can be read as int32 words, else the
-            tile kernel), ``"tile"`` or ``"decode"`` (forced; benchmarks / tests).
+        path: ``"auto"`` (the decode kernel for a single row when the codes can be read as int32 words, else the
+            tile kernel), ``"tile"`` or ``"decode"`` (forced, M <= 16; benchmarks / tests).
     Returns:
         ``[..., N]`` in x's dtype.
     """
@@ -734,7 +738,7 @@ def packed_matmul(
         raise QuantSpecError(f"packed_matmul: path must be 'auto', 'tile' or 'decode', not {path!r}")
     decode_cfg = config is not None and "BKW" in config
     use_decode = path == "decode" or decode_cfg or (
-        path == "auto" and m <= DECODE_MAX_M and config is None and _word_readable(codes) and scales.stride(-1) == 1)
+        path == "auto" and m <= AUTO_DECODE_MAX_M and config is None and _word_readable(codes) and scales.stride(-1) == 1)
     if use_decode:
         if m > DECODE_MAX_M or not _word_readable(codes) or scales.stride(-1) != 1 or (config is not None
                                                                                        and not decode_cfg):

@@ -200,8 +200,11 @@ class RotationBank:
         return self.rotation(mod.in_features, spec.block_size if spec else None, f"{name} ({t}, in_features)",
                              variant)
 
-    def apply(self, chosen: dict[str, str]) -> None:
-        """Install exactly the rotations in ``chosen`` ({type: variant}); every other type gets none."""
+    def apply(self, chosen) -> None:
+        """Install exactly the rotations in ``chosen`` ({type: variant}, or types, which get the first variant);
+        every other type gets none."""
+        if not isinstance(chosen, dict):
+            chosen = dict.fromkeys(chosen, self.cfg.variants()[0])
         for t in LINEAR_TYPES.values():
             for name, mod in self.sites[t]:
                 rot = self._for_site(t, name, mod, chosen[t]) if t in chosen else None
