@@ -12,7 +12,7 @@ want tests && run gpu_tests 300 python -m pytest -q -p no:cacheprovider -m gpu t
 want table && run table 540 python -m ptq.cli table --model "$PTQ_SMOLLM2" --dtype bfloat16 --device cuda --out "$OUT/table" --no-progress
 want forward && run forward 150 python bench/forward.py --ppl
 want gptq && run gptq 200 python bench/gptq.py
-want hadamard && run hadamard 120 python bench/hadamard.py --quick --search
+want hadamard && run hadamard 240 python bench/hadamard.py --quick --search
 want packed && run packed 150 python bench/packed_matmul.py --quick
 want kernels && run kernels 300 python bench/kernels.py --json "$OUT/kernels.json"
 exit 0

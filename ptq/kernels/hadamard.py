@@ -356,11 +356,17 @@ def default_config(rot) -> TileConfig:
     in the first 3 and then go radix-4 (~43; all 12 by partner fetch: ~65, whose cross-warp stages go through
     shared memory one at a time). 4096 elements in 4 warps (~32 per thread) was never clearly worse than 2048 /
     8192 elements or 2 / 8 warps. The m = 36 mixing of 576 costs ~35 fma per element on top (~82 in all).
-    ``bench/hadamard.py`` times the alternatives on the GPU."""
-    xor = -1 if rot.p <= 256 else 3
+    ``bench/hadamard.py`` times the alternatives on the GPU. Measured there (H100, 8 x 2048 x dim bf16, MXINT4,
+    CUDA-graph GPU time / quantize alone): the instruction count did not predict the winner for short transforms:
+    plain radix-2 stages gave 1.00x (block 32) / 1.04x (block 64) at dim 4096 against 1.09x / 1.11x with partner
+    fetch in every stage, and tied at 576; for the full 4096 transform, partner fetch in the first 5 stages gave
+    1.33x against 1.42x with 3 and 1.61x with none (radix 4). Those winners are the defaults."""
     # ~32 fp32 values per thread: a row of 8192 (one program) in 8 warps (~44 instructions vs ~50 in 4)
-    return TileConfig(elems=4096, warps=8 if rot.p > 4096 else 4, mode=MODE_XOR, xor_stages=xor,
-                      unroll=rot.m <= 64, mix_group=4)
+    warps = 8 if rot.p > 4096 else 4
+    if rot.p <= 256:
+        return TileConfig(elems=4096, warps=warps, mode=MODE_RADIX2, xor_stages=0, unroll=rot.m <= 64,
+                          mix_group=4)
+    return TileConfig(elems=4096, warps=warps, mode=MODE_XOR, xor_stages=5, unroll=rot.m <= 64, mix_group=4)
 
 
 def tile_meta(rot, spec: QuantSpec | None, cfg: TileConfig, dtype: torch.dtype, gpu: bool,
