@@ -137,7 +137,11 @@ def _scale_factor(FMT: tl.constexpr):
 @triton.jit
 def _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, OUT_BF16: tl.constexpr):
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    _store_values(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask, OUT_BF16)
+
+
+@triton.jit
+def _store_values(ptrs, acc, mask, OUT_BF16: tl.constexpr):
     if OUT_BF16:
         # fp32 -> bf16 round-to-nearest-even on the bits (exact on the GPU and under the interpreter)
         b = acc.to(tl.uint32, bitcast=True)
@@ -145,6 +149,23 @@ def _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, OUT_BF16: tl.conste
         tl.store(ptrs, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     else:
         tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _split_k_reduce(acc, part_ptr, cnt_ptr, tile, offs, mask, pid_k, MN, SPLIT_K: tl.constexpr):
+    """Split-K: write this slice's fp32 partial tile (``offs``: element offsets in one [M, N] slice) and bump the
+    tile's counter; the slice that arrives last sums every partial in slice order (deterministic), resets the
+    counter for the next call and gets ``(True, total)``; the others get ``(False, zeros)``."""
+    tl.store(part_ptr + pid_k * MN + offs, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the counter says so
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for s_idx in range(SPLIT_K):  # fixed order: deterministic sum
+            total += tl.load(part_ptr + s_idx * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+    return last, total
 
 
 @triton.jit
@@ -231,16 +252,9 @@ def _packed_matmul_kernel(
         _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, OUT_BF16)
     else:
         tile_mask = m_mask[:, None] & n_mask[None, :]
-        part = part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
-        tl.store(part, acc, mask=tile_mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        arrived = tl.atomic_add(cnt_ptr + pid_mn, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BM, BN), dtype=tl.float32)
-            for s_idx in range(SPLIT_K):  # fixed order: deterministic sum
-                p_ptrs = part_ptr + (s_idx * M + offs_m[:, None]) * N + offs_n[None, :]
-                total += tl.load(p_ptrs, mask=tile_mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + pid_mn, 0)
+        last, total = _split_k_reduce(acc, part_ptr, cnt_ptr, pid_mn, offs_m[:, None] * N + offs_n[None, :],
+                                      tile_mask, pid_k, M * N, SPLIT_K)
+        if last:
             _store_tile(y_ptr, total, offs_m, offs_n, M, N, stride_ym, OUT_BF16)
 
 
@@ -445,29 +459,16 @@ def _packed_decode_kernel(
     if SPLIT_K == 1:
         _store_tile_t(y_ptr, out, offs_m, offs_n, tile_mask, stride_ym, OUT_BF16)
     else:
-        part = part_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
-        tl.store(part, out, mask=tile_mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BN, MP), dtype=tl.float32)
-            for s_idx in range(SPLIT_K):  # fixed order: deterministic sum
-                p_ptrs = part_ptr + (s_idx * M + offs_m[None, :]) * N + offs_n[:, None]
-                total += tl.load(p_ptrs, mask=tile_mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        last, total = _split_k_reduce(out, part_ptr, cnt_ptr, pid_n, offs_m[None, :] * N + offs_n[:, None],
+                                      tile_mask, pid_k, M * N, SPLIT_K)
+        if last:
             _store_tile_t(y_ptr, total, offs_m, offs_n, tile_mask, stride_ym, OUT_BF16)
 
 
 @triton.jit
 def _store_tile_t(y_ptr, acc, offs_m, offs_n, mask, stride_ym, OUT_BF16: tl.constexpr):
     """Store an [BN, MP] (transposed) accumulator tile into the row-major [M, N] output."""
-    ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    if OUT_BF16:
-        b = acc.to(tl.uint32, bitcast=True)
-        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        tl.store(ptrs, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptrs, acc, mask=mask)
+    _store_values(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc, mask, OUT_BF16)
 
 
 # ---- configurations -----------------------------------------------------------------------------------------------
