@@ -614,7 +614,6 @@ def _decode_interpreter_config(m: int, n: int, kb: int, fmt: int, block: int) ->
 
 # ---- workspace ------------------------------------------------------------------------------------------------------
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per-device split-K tile counters (kept at zero between calls)
-_BEST: dict[tuple, dict] = {}  # launcher-side copy of the autotuner's choice (launch kwargs) per tuning key
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -626,13 +625,13 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-_WORKSPACE: dict[torch.device, torch.Tensor] = {}  # decode path's split-K fp32 partials, per device
+_WORKSPACE: dict[torch.device, torch.Tensor] = {}  # split-K fp32 partials, per device
 _RETIRED: list[torch.Tensor] = []  # outgrown workspaces: CUDA graphs captured earlier may still point into them
-_PLANS: dict[tuple, tuple] = {}  # decode path: per static call key, (grid, constexprs) of the chosen config
+_PLANS: dict[tuple, tuple] = {}  # per kernel and static call key: (grid, constexprs) of the autotuner's choice
 
 
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """A persistent fp32 buffer of >= numel elements (no per-call allocation on the decode path). Like the
+    """A persistent fp32 buffer of >= numel elements (no allocation per call). Like the
     counters, it is shared by the split-K launches on one device, which must therefore not run concurrently on
     several streams. Never cached when allocated during a CUDA graph capture (that memory belongs to the graph)."""
     buf = _WORKSPACE.get(device)
@@ -738,49 +737,58 @@ def packed_matmul(
     if path not in ("auto", "tile", "decode"):
         raise QuantSpecError(f"packed_matmul: path must be 'auto', 'tile' or 'decode', not {path!r}")
     decode_cfg = config is not None and "BKW" in config
-    use_decode = path == "decode" or decode_cfg or (
-        path == "auto" and m <= AUTO_DECODE_MAX_M and config is None and _word_readable(codes) and scales.stride(-1) == 1)
+    use_decode = path == "decode" or decode_cfg or (path == "auto" and m <= AUTO_DECODE_MAX_M and config is None
+                                                    and _word_readable(codes) and scales.stride(-1) == 1)
     if use_decode:
         if m > DECODE_MAX_M or not _word_readable(codes) or scales.stride(-1) != 1 or (config is not None
                                                                                        and not decode_cfg):
             raise QuantSpecError(f"packed_matmul: the decode path needs M <= {DECODE_MAX_M}, int32-aligned "
                                  f"contiguous code rows and a decode config {{MODE, BN, BKW, SPLIT_K}}")
         _decode_launch(x2, codes, scales, g, y, m, n, k, kp, fmt, block, out_bf16, small, config)
-        if y is not out and not out_bf16:
-            out.copy_(y)
-        return out.reshape(*lead, n)
-    use_split = m <= SPLIT_K_MAX_M
-    # split-K workspace: from the caching allocator (no sync, no zeroing: every slot read is written first), so a
-    # CUDA graph capture gets its own; the tile counters are a persistent zeroed buffer the kernel resets itself
-    part = torch.empty((MAX_SPLIT_K, m, n) if use_split else (1,), dtype=torch.float32, device=x.device)
-    cnt = _counters(x.device, _cdiv(SPLIT_K_MAX_M, 16) * _cdiv(n, 16))  # >= tiles of any split launch
-    common = dict(KP_CONST=0 if x.is_cuda else kp, FMT=fmt, BLOCK=block, OUT_BF16=out_bf16,
-                  DOT_FP32=x.dtype == torch.float32 or not x.is_cuda, SMALL_SCALES=small)
-    bucket = _bucket(m)
-    args = (x2, codes, scales, g, y, part, cnt, m, n, k, kp, x2.stride(0), codes.stride(0), scales.stride(0),
-            y.stride(0), bucket)
-    if config is None and x.is_cuda:
-        key = (bucket, n, k, fmt, block, out_bf16, small, x.dtype, x.device)
-        best = _BEST.get(key)
-        if best is None:  # first call for this key: the autotuner benchmarks the pruned configs once
-            grid = lambda meta: (_cdiv(m, meta["BM"]) * _cdiv(n, meta["BN"]), meta["SPLIT_K"])  # noqa: E731
-            tuned = _tuned_kernel()
-            tuned[grid](*args, **common)
-            _BEST[key] = tuned.best_config.all_kwargs()
-        else:  # what the autotuner does on a cache hit, minus its per-call argument dicts
-            grid = (_cdiv(m, best["BM"]) * _cdiv(n, best["BN"]), best["SPLIT_K"])
-            _packed_matmul_kernel[grid](*args, **common, **best)
     else:
-        cfg = dict(config) if config is not None else _interpreter_config(m, n, kp, block)
-        if cfg["SPLIT_K"] > MAX_SPLIT_K or (cfg["SPLIT_K"] > 1 and not use_split):
-            raise QuantSpecError(f"SPLIT_K must be <= {MAX_SPLIT_K} and needs M <= {SPLIT_K_MAX_M}")
-        launch = {k_: v for k_, v in cfg.items() if k_ in ("num_warps", "num_stages")}
-        tiles = {k_: cfg[k_] for k_ in ("BM", "BN", "BK", "SPLIT_K")}
-        grid = (_cdiv(m, tiles["BM"]) * _cdiv(n, tiles["BN"]), tiles["SPLIT_K"])
-        _packed_matmul_kernel[grid](*args, **common, **tiles, **launch)
+        _tile_launch(x2, codes, scales, g, y, m, n, k, kp, fmt, block, out_bf16, small, config)
     if y is not out and not out_bf16:
         out.copy_(y)
     return out.reshape(*lead, n)
+
+
+def _tile_launch(x2, codes, scales, g, y, m, n, k, kp, fmt, block, out_bf16, small, config) -> None:
+    """Launch the tile kernel (autotuned per shape on CUDA unless ``config`` is given)."""
+    dev = x2.device
+    use_split = m <= SPLIT_K_MAX_M
+    part = _workspace(dev, MAX_SPLIT_K * m * n if use_split else 1)
+    cnt = _counters(dev, _cdiv(SPLIT_K_MAX_M, 16) * _cdiv(n, 16))  # >= tiles of any split launch
+    common = dict(KP_CONST=0 if x2.is_cuda else kp, FMT=fmt, BLOCK=block, OUT_BF16=out_bf16,
+                  DOT_FP32=x2.dtype == torch.float32 or not x2.is_cuda, SMALL_SCALES=small)
+    bucket = _bucket(m)
+    args = (x2, codes, scales, g, y, part, cnt, m, n, k, kp, x2.stride(0), codes.stride(0), scales.stride(0),
+            y.stride(0), bucket)
+    if config is None and x2.is_cuda:
+        _launch_autotuned(_packed_matmul_kernel, _tuned_kernel,
+                          ("tile", bucket, n, k, fmt, block, out_bf16, small, x2.dtype, dev),
+                          lambda meta: (_cdiv(m, meta["BM"]) * _cdiv(n, meta["BN"]), meta["SPLIT_K"]), args, common)
+        return
+    cfg = dict(config) if config is not None else _interpreter_config(m, n, kp, block)
+    if cfg["SPLIT_K"] > MAX_SPLIT_K or (cfg["SPLIT_K"] > 1 and not use_split):
+        raise QuantSpecError(f"SPLIT_K must be <= {MAX_SPLIT_K} and needs M <= {SPLIT_K_MAX_M}")
+    launch = {k_: v for k_, v in cfg.items() if k_ in ("num_warps", "num_stages")}
+    tiles = {k_: cfg[k_] for k_ in ("BM", "BN", "BK", "SPLIT_K")}
+    grid = (_cdiv(m, tiles["BM"]) * _cdiv(n, tiles["BN"]), tiles["SPLIT_K"])
+    _packed_matmul_kernel[grid](*args, **common, **tiles, **launch)
+
+
+def _launch_autotuned(kernel, tuned_kernel, key: tuple, grid_of, args: tuple, common: dict) -> None:
+    """The autotuner benchmarks the pruned configs on the first call for ``key`` (every component a static
+    property of the call's shapes); later calls launch the chosen config directly, without the autotuner's
+    per-call argument dicts."""
+    plan = _PLANS.get(key)
+    if plan is not None:
+        kernel[plan[0]](*args, **plan[1])
+        return
+    tuned = tuned_kernel()
+    tuned[grid_of](*args, **common)
+    best = tuned.best_config.all_kwargs()
+    _PLANS[key] = (grid_of(best), {**common, **best})
 
 
 def _word_readable(codes: torch.Tensor) -> bool:
@@ -801,17 +809,11 @@ def _decode_launch(x2, codes, scales, g, y, m, n, k, kp, fmt, block, out_bf16, s
     args = (x2, w32, scales, g, y, part, cnt, m, n, k, kb, x2.stride(0), w32.stride(0), scales.stride(0),
             y.stride(0), bucket)
     if config is None and x2.is_cuda:
-        key = (bucket, n, k, kp, fmt, block, out_bf16, small, x2.dtype, dev)
-        plan = _PLANS.get(key)
-        if plan is not None:
-            _packed_decode_kernel[plan[0]](*args, **plan[1])
-            return
         common = dict(KB_CONST=0, FMT=fmt, BLOCK=block, OUT_BF16=out_bf16, DOT_FP32=x2.dtype == torch.float32,
                       SMALL_SCALES=small)
-        tuned = _tuned_decode_kernel()
-        tuned[lambda meta: (_cdiv(n, meta["BN"]), meta["SPLIT_K"])](*args, **common)
-        best = tuned.best_config.all_kwargs()
-        _PLANS[key] = ((_cdiv(n, best["BN"]), best["SPLIT_K"]), {**common, **best})
+        _launch_autotuned(_packed_decode_kernel, _tuned_decode_kernel,
+                          ("decode", bucket, n, k, kp, fmt, block, out_bf16, small, x2.dtype, dev),
+                          lambda meta: (_cdiv(n, meta["BN"]), meta["SPLIT_K"]), args, common)
         return
     cfg = dict(config) if config is not None else _decode_interpreter_config(m, n, kb, fmt, block)
     if (not _decode_ok(cfg, fmt, block, kb, m, tuning=False) or not 1 <= cfg["SPLIT_K"] <= MAX_SPLIT_K
