@@ -81,6 +81,8 @@ def _to_blocked_2d(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 def _noise_2d(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> torch.Tensor | None:
     """The reference's stochastic-rounding noise (drawn or checked by it) as [rows, padded length] fp32."""
+    if noise is None and spec.rounding != "stochastic":
+        return None  # the common case, decided before the (per-call) import below
     from ptq.quantizers.reference import resolve_noise
 
     noise = resolve_noise(x, spec, noise)
@@ -122,7 +124,7 @@ def triton_fake_quantize(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor |
 
     axis = check_input(x, spec)
     _check_runnable(x, spec)
-    n2 = _noise_2d(x, spec, noise) if noise is not None or spec.rounding == "stochastic" else None
+    n2 = _noise_2d(x, spec, noise)
     L = x.shape[axis]
     y = _rows_in_place(x, axis, n2 is not None) if L else None
     if y is not None:

@@ -389,9 +389,7 @@ def tile_meta(rot, spec: QuantSpec | None, cfg: TileConfig, dtype: torch.dtype, 
     in_kind = 0 if not bits else 2 if p % 2 == 0 and pairs else 1
     if spec is not None:
         c = format_constants(spec)
-        fmt = dict(QUANT=True, QB=spec.block_size, FAMILY=c.family, WIDTH=c.width, MAN_BITS=c.man_bits,
-                   EMAX=c.emax, EMIN=c.emin, MAX_NORMAL=c.max_normal, LEVELS=c.levels, FRAC_BITS=c.frac_bits,
-                   ROUNDING=c.rounding, SCALE_CEIL=c.scale_ceil, STORE_EXACT=bits and bf16_exact(spec))
+        fmt = dict(QUANT=True, QB=spec.block_size, **c.element_kwargs(), STORE_EXACT=bits and bf16_exact(spec))
     else:
         fmt = dict(QUANT=False, QB=1, FAMILY=0, WIDTH=0, MAN_BITS=0, EMAX=0, EMIN=0, MAX_NORMAL=0.0, LEVELS=0,
                    FRAC_BITS=0, ROUNDING=0, SCALE_CEIL=False, STORE_EXACT=bits)

@@ -174,10 +174,8 @@ def quantize_packed(x: torch.Tensor, spec: QuantSpec) -> PackedQuant:
         _pack_kernel[(grid,)](
             x2.view(torch.int16) if bf16 else x2, codes, scales, g if g is not None else x2,
             noise if noise is not None else x2, flags, total, L, nb,
-            FAMILY=c.family, WIDTH=c.width, MAN_BITS=c.man_bits, EMAX=c.emax, EMIN=c.emin, BIAS=spec.exp_bias,
-            MAX_NORMAL=c.max_normal, LEVELS=c.levels, FRAC_BITS=c.frac_bits, ROUNDING=c.rounding,
-            SCALE_CEIL=c.scale_ceil, IEEE_LIKE=spec.ieee_like, IN_BF16=bf16, BLOCK=B, BLOCK_P2=block_p2, BPP=bpp,
-            USE_I64=use_i64, S_WIDTH=NV_SCALE_FORMAT.width, S_MAN=c.s_man, S_EMIN=c.s_emin, S_EMAX=c.s_emax,
+            **c.element_kwargs(), BIAS=spec.exp_bias, IEEE_LIKE=spec.ieee_like, IN_BF16=bf16, BLOCK=B,
+            BLOCK_P2=block_p2, BPP=bpp, USE_I64=use_i64, S_WIDTH=NV_SCALE_FORMAT.width, S_MAN=c.s_man, S_EMIN=c.s_emin, S_EMAX=c.s_emax,
             S_MAX=c.s_max, S_BIAS=NV_SCALE_FORMAT.exp_bias, num_warps=warps, **EXACT_FP_OPTIONS,
         )
     # one host sync: NaN / Inf the format cannot encode are refused, as the reference does

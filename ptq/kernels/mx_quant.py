@@ -70,6 +70,12 @@ class FormatConstants:
     s_emax: int = 0
     s_max: float = 0.0
 
+    def element_kwargs(self) -> dict:
+        """The element-grid constexprs every kernel that quantizes tiles with `fake_quant_tile` takes."""
+        return dict(FAMILY=self.family, WIDTH=self.width, MAN_BITS=self.man_bits, EMAX=self.emax, EMIN=self.emin,
+                    MAX_NORMAL=self.max_normal, LEVELS=self.levels, FRAC_BITS=self.frac_bits,
+                    ROUNDING=self.rounding, SCALE_CEIL=self.scale_ceil)
+
 
 @functools.lru_cache(maxsize=256)
 def format_constants(spec: QuantSpec) -> FormatConstants:
@@ -387,9 +393,7 @@ def _launch_constants(spec: QuantSpec, tile: tuple[int, int] | None) -> _LaunchC
     c = format_constants(spec)
     block_p2, bpp, warps = tile_config(c.block, tile)
     kwargs = dict(
-        FAMILY=c.family, WIDTH=c.width, MAN_BITS=c.man_bits, EMAX=c.emax, EMIN=c.emin, MAX_NORMAL=c.max_normal,
-        LEVELS=c.levels, FRAC_BITS=c.frac_bits, ROUNDING=c.rounding, SCALE_CEIL=c.scale_ceil,
-        BLOCK=c.block, BLOCK_P2=block_p2, BPP=bpp, BF16_EXACT=bf16_exact(spec), S_MAN=c.s_man, S_EMIN=c.s_emin,
+        **c.element_kwargs(), BLOCK=c.block, BLOCK_P2=block_p2, BPP=bpp, BF16_EXACT=bf16_exact(spec), S_MAN=c.s_man, S_EMIN=c.s_emin,
         S_EMAX=c.s_emax, S_MAX=c.s_max, num_warps=warps, **EXACT_FP_OPTIONS,
     )
     return _LaunchConstants(c.block, block_p2, bpp, kwargs)
