@@ -7,8 +7,10 @@ Variants, all timed in the same run on the same random token batch (batch 8 x 20
   bf16            the unquantized model (the baseline of every ratio)
   rtn             the recipe applied by the swap pass (W4A4 linears + KV4 cache for w4a4kv4.toml)
   rtn, kv bypass  the same with every attention module's config set to bypass
-Each time is the median of --iters forwards (CUDA events, after warm-up) under torch.inference_mode; target for
-``rtn``: <= 1.5x bf16. With --ppl, perplexity on wiki.test.raw (ptq.eval.evaluate_perplexity, seqlen --seqlen) is
+Each variant is timed twice: eager (every kernel launched from Python) and replayed from a CUDA graph
+(``ptq.cuda_graph.GraphedForward``, what ``ptq eval`` / ``ptq table`` use for full batches; the graphed logits are
+checked bit for bit against the eager ones). Each time is the median of --iters forwards (CUDA events, after
+warm-up) under torch.inference_mode; target for ``rtn``: <= 1.5x bf16. With --ppl, perplexity on wiki.test.raw (ptq.eval.evaluate_perplexity, seqlen --seqlen) is
 added per variant. Without CUDA the script says so and exits 0.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -53,14 +56,14 @@ def parse_args(argv=None):
     return args
 
 
-def time_forward(model, ids, iters: int, warmup: int) -> tuple[float, float]:
-    """Median milliseconds of one forward (logits included): CUDA events on the GPU, a host clock on the CPU; and
-    the median host time to issue it (Python returns before the GPU finishes: when the two are close, the forward is
-    bound by the host's launch path rather than by the GPU)."""
+def time_forward(fn, ids, iters: int, warmup: int) -> tuple[float, float]:
+    """Median milliseconds of one forward ``fn(ids)`` (logits included): CUDA events on the GPU, a host clock on the
+    CPU; and the median host time to issue it (Python returns before the GPU finishes: when the two are close, the
+    forward is bound by the host's launch path rather than by the GPU)."""
     cuda = ids.is_cuda
     with torch.inference_mode():
         for _ in range(warmup):
-            model(ids, use_cache=False)
+            fn(ids)
         if cuda:
             torch.cuda.synchronize()
         times, host = [], []
@@ -69,13 +72,13 @@ def time_forward(model, ids, iters: int, warmup: int) -> tuple[float, float]:
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                model(ids, use_cache=False)
+                fn(ids)
                 end.record()
                 host.append((time.perf_counter() - t0) * 1e3)
                 end.synchronize()
                 times.append(start.elapsed_time(end))
             else:
-                model(ids, use_cache=False)
+                fn(ids)
                 times.append((time.perf_counter() - t0) * 1e3)
                 host.append(times[-1])
     return statistics.median(times), statistics.median(host)
@@ -110,6 +113,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ptq.config import AttentionQuantConfig
+    from ptq.cuda_graph import GraphedForward, call_logits
     from ptq.modules import AttentionMX, LinearMX
     from ptq.passes.base import PassContext
     from ptq.passes.swap import SwapPass, swap_modules
@@ -146,39 +150,64 @@ def main(argv=None) -> int:
     probe = torch.zeros(4, some_linear.in_features, device=dev, dtype=torch.bfloat16)
     backend = resolve_backend(probe, some_linear.cfg.data_in)
 
-    times = {name: [] for name in variants}
-    host = {name: [] for name in variants}
+    # (variant, mode) -> ids -> logits; the graphed runners keep their graphs for the whole run
+    runners = {}
+    for name, m in variants.items():
+        runners[name, "eager"] = functools.partial(call_logits, m)
+        if dev.type == "cuda":
+            runners[name, "graph"] = GraphedForward(m)
+    times = {key: [] for key in runners}
+    host = {key: [] for key in runners}
     for r in range(args.rounds):
-        for name, m in variants.items():
-            t, h = time_forward(m, ids, args.iters, args.warmup if r == 0 else 1)
-            times[name].append(t)
-            host[name].append(h)
+        for key, fn in runners.items():
+            t, h = time_forward(fn, ids, args.iters, args.warmup if r == 0 else 1)
+            times[key].append(t)
+            host[key].append(h)
+    graph_exact = {}
+    if dev.type == "cuda":
+        with torch.inference_mode():
+            for name in variants:
+                eager = runners[name, "eager"](ids).clone()
+                graphed = runners[name, "graph"](ids)
+                graph_exact[name] = runners[name, "graph"].n_graphs == 1 and torch.equal(eager, graphed)
 
     def diff(m):
         with torch.inference_mode():
             return (m(ids[:1], use_cache=False).logits.float() - ref_logits).abs().max().item()
 
+    def ratio(key):
+        base = times["bf16", key[1]]
+        return statistics.median(t / b for t, b in zip(times[key], base))
+
     rows = []
     for name, m in variants.items():
-        ratio = statistics.median(t / b for t, b in zip(times[name], times["bf16"]))
-        rows.append((name, statistics.median(times[name]), statistics.median(host[name]), ratio,
+        e, g = (name, "eager"), (name, "graph")
+        graphed = (statistics.median(times[g]), ratio(g), graph_exact[name]) if g in times else None
+        rows.append((name, statistics.median(times[e]), statistics.median(host[e]), ratio(e), graphed,
                      ppl(m) if args.ppl else None, diff(m)))
 
     print(f"model {args.model}  recipe {Path(args.recipe).name}  batch {args.batch} x {args.seqlen}  "
           f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}  fake_quantize backend: {backend}")
     print(f"swapped: {info['counts']}")
-    head = f"{'variant':<16}{'ms':>10}{'host ms':>9}{'x bf16':>9}{'max|dlogit|':>13}"
+    head = f"{'variant':<16}{'eager ms':>10}{'host ms':>9}{'x bf16':>9}{'graph ms':>10}{'x bf16':>9}{'graph==eager':>14}"
+    head += f"{'max|dlogit|':>13}"
     if args.ppl:
         head += f"{'ppl':>10}{'windows':>9}"
     print(head)
-    for name, ms, host_ms, ratio, p, d in rows:
-        line = f"{name:<16}{ms:>10.2f}{host_ms:>9.2f}{ratio:>9.3f}{d:>13.4f}"
+    for name, ms, host_ms, r_eager, graphed, p, d in rows:
+        line = f"{name:<16}{ms:>10.2f}{host_ms:>9.2f}{r_eager:>9.3f}"
+        line += f"{graphed[0]:>10.2f}{graphed[1]:>9.3f}{str(graphed[2]):>14}" if graphed else f"{'-':>10}{'-':>9}{'-':>14}"
+        line += f"{d:>13.4f}"
         if p is not None:
             line += f"{p[0]:>10.4f}{p[1]:>9d}"
         print(line)
-    rtn_ratio = rows[1][3]
-    verdict = "meets" if rtn_ratio <= 1.5 else "MISSES"
-    print(f"rtn / bf16 = {rtn_ratio:.3f}, median over {args.rounds} interleaved rounds ({verdict} the <= 1.5x target)")
+    for mode, col in (("eager", 3), ("graph", 4)):
+        if mode == "graph" and rows[1][4] is None:
+            continue
+        r = rows[1][col] if mode == "eager" else rows[1][4][1]
+        verdict = "meets" if r <= 1.5 else "MISSES"
+        print(f"rtn / bf16 ({mode}) = {r:.3f}, median over {args.rounds} interleaved rounds ({verdict} the <= 1.5x "
+              "target)")
     if args.profile:
         for name in ("rtn", "rtn, kv bypass"):
             print(f"\n--- profile: {name}")

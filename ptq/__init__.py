@@ -14,20 +14,23 @@ from typing import Any as _Any
 __version__ = "0.1.0"
 
 from ptq.formats import QuantSpec  # noqa: E402
-from ptq.models import DEFAULT_MODEL, load_model  # noqa: E402
-from ptq.passes.pipeline import quantize_module_transform_pass  # noqa: E402
-from ptq.recipe import Recipe, load_recipe, save_recipe  # noqa: E402
 
-# name -> module that provides it, imported on first access (they pull in torch, Triton or lm-eval).
+# name -> module that provides it, imported on first access (they pull in torch, pydantic, Triton or lm-eval), so
+# that e.g. ``import ptq.kernels`` works on a machine that has torch and Triton only.
 _LAZY = {
+    "DEFAULT_MODEL": "ptq.models",
+    "load_model": "ptq.models",
+    "quantize_module_transform_pass": "ptq.passes.pipeline",
+    "Recipe": "ptq.recipe",
+    "load_recipe": "ptq.recipe",
+    "save_recipe": "ptq.recipe",
     "fake_quantize": "ptq.quantizers",
     "evaluate_perplexity": "ptq.eval",
     "export_quantized": "ptq.export",
     "load_quantized": "ptq.export",
 }
 
-__all__ = ["__version__", "QuantSpec", "Recipe", "load_recipe", "save_recipe", "quantize_module_transform_pass",
-           "load_model", "DEFAULT_MODEL", *_LAZY]
+__all__ = ["__version__", "QuantSpec", *_LAZY]
 
 
 def __getattr__(name: str) -> _Any:

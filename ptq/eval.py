@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ptq.cuda_graph import GraphedForward, call_logits
 from ptq.data import eval_windows, load_text, tokenize
 from ptq.errors import PtqError
 
@@ -64,10 +65,15 @@ def _place(model: torch.nn.Module, device) -> torch.device:
     return device
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    # use_cache=False: a perplexity pass must not keep a KV cache around (quantized K/V are read in-forward).
-    out = model(input_ids=ids, use_cache=False)
-    return out.logits if hasattr(out, "logits") else out[0]
+# A graph costs a few eager forwards to warm up and capture: worth it only over this many full batches.
+MIN_BATCHES_FOR_GRAPH = 4
+
+
+def _logit_fn(model: torch.nn.Module, device: torch.device, n_full_batches: int, cuda_graph: bool):
+    """``ids -> logits`` for ``model``: replayed from CUDA graphs (see ``ptq.cuda_graph``) where that pays off."""
+    if cuda_graph and device.type == "cuda" and n_full_batches >= MIN_BATCHES_FOR_GRAPH:
+        return GraphedForward(model)
+    return lambda ids: call_logits(model, ids)
 
 
 def _check_windows(windows: torch.Tensor) -> torch.Tensor:
@@ -90,8 +96,12 @@ def evaluate_windows(
     device=None,
     progress: bool = True,
     desc: str = "eval",
+    cuda_graph: bool = True,
 ) -> dict:
     """Next-token NLL of ``model`` over token windows; with ``ref_model`` also KL(P_ref || P_model) and top-1 agreement.
+
+    ``cuda_graph``: on CUDA, replay the forwards of full batches from a CUDA graph (bit-identical logits, no
+    per-kernel launch cost: see ``ptq.cuda_graph``); False runs every forward eagerly.
 
     Returns ``nll`` (mean over predicted tokens), ``ppl``, ``nll_sum``, ``n_tokens`` (predicted tokens: seqlen - 1
     per window), ``n_windows`` and, with a reference, ``kl`` (mean over every position of every window),
@@ -108,10 +118,12 @@ def evaluate_windows(
     agree = 0
     n_kl = 0
     n, seqlen = windows.shape
+    logits_of = _logit_fn(model, dev, n // batch_size, cuda_graph)
+    ref_logits_of = _logit_fn(ref_model, dev, n // batch_size, cuda_graph) if ref_model is not None else None
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(dev)
-        logits = _logits(model, ids)
-        ref_logits = _logits(ref_model, ids) if ref_model is not None else None
+        logits = logits_of(ids)
+        ref_logits = ref_logits_of(ids) if ref_logits_of is not None else None
         # one sequence at a time in fp32: a [B, S, V] fp32 copy of a 49k-vocab model's logits is several GB
         for b in range(ids.shape[0]):
             lq = logits[b].float()
@@ -143,12 +155,14 @@ def evaluate_perplexity(
     progress: bool = True,
     data_dir=None,
     ref_model: torch.nn.Module | None = None,
+    cuda_graph: bool = True,
 ) -> dict:
     """Token perplexity over non-overlapping windows of a whole text (see the module docstring).
 
     ``source``/``split``/``data_dir`` as in ``ptq.data.load_text``; ``bos_id`` makes every window BOS + seqlen-1
     text tokens; ``max_windows`` keeps the first windows only; ``device`` moves the model there (default: where it
-    is). With ``ref_model`` the same pass also gives ``kl`` and ``top1`` against it.
+    is). With ``ref_model`` the same pass also gives ``kl`` and ``top1`` against it. ``cuda_graph``: as for
+    ``evaluate_windows``.
     Returns ``ppl``, ``nll``, ``n_tokens``, ``n_windows``, ``seconds`` (plus ``kl``/``top1`` with a reference).
     """
     if max_windows is not None and max_windows < 1:
@@ -158,7 +172,7 @@ def evaluate_perplexity(
     if max_windows is not None:
         windows = windows[:max_windows]
     res = evaluate_windows(model, windows, ref_model=ref_model, batch_size=batch_size, device=device,
-                           progress=progress, desc="perplexity")
+                           progress=progress, desc="perplexity", cuda_graph=cuda_graph)
     res.update(seqlen=seqlen, seconds=time.perf_counter() - t0)
     return res
 
@@ -171,6 +185,7 @@ def kl_divergence(
     batch_size: int = 8,
     device=None,
     progress: bool = True,
+    cuda_graph: bool = True,
 ) -> dict:
     """Mean per-token KL(P_ref || P_q) and top-1 agreement over every position of ``windows`` [n, seqlen].
 
@@ -179,7 +194,7 @@ def kl_divergence(
     """
     t0 = time.perf_counter()
     r = evaluate_windows(model_q, windows, ref_model=model_ref, batch_size=batch_size, device=device,
-                         progress=progress, desc="kl")
+                         progress=progress, desc="kl", cuda_graph=cuda_graph)
     return {"kl": r["kl"], "top1": r["top1"], "n_tokens": r["n_kl_tokens"], "ppl": r["ppl"],
             "seconds": time.perf_counter() - t0}
 
@@ -329,7 +344,7 @@ def word_perplexity(
                for s in range(0, len(items), batch_size)]
     loglik = [0.0] * len(pages)
     for batch in tqdm(batches, desc="word perplexity", disable=not progress, leave=False):
-        logits = _logits(model, torch.tensor([inp for _, inp, _ in batch], dtype=torch.long, device=dev))
+        logits = call_logits(model, torch.tensor([inp for _, inp, _ in batch], dtype=torch.long, device=dev))
         for row, (doc, _, targets) in enumerate(batch):
             logp = F.log_softmax(logits[row, -len(targets):].float(), dim=-1)
             tgt = torch.tensor(targets, dtype=torch.long, device=dev)

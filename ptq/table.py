@@ -44,6 +44,7 @@ class TableSettings:
     token-perplexity windows (and KL windows);
     bos_windows: each window is BOS + seqlen-1 tokens (default: plain windows, the data README's convention). word_ppl: also lm-eval's word perplexity (WikiText-2 only), natively;
     max_documents limits its articles. sample_*: the no-text fallback (sequences sampled from the model).
+    cuda_graph: replay full evaluation batches from CUDA graphs on CUDA (bit-identical, see ``ptq.cuda_graph``).
     """
 
     out: str = "ptq-table"
@@ -62,6 +63,7 @@ class TableSettings:
     data_dir: str | None = None
     plot: bool = True
     progress: bool = True
+    cuda_graph: bool = True
     sample_calib_n: int = 64
     sample_eval_n: int = 16
     sample_seqlen: int = 512
@@ -262,7 +264,7 @@ def _sampled(settings, ref, tok, bos, out: Path, device, what: str, n: int, seed
 def _measure(settings: TableSettings, model, ref, tok, plan: _Plan, device) -> dict:
     t0 = time.perf_counter()
     r = evaluate_windows(model, plan.windows, ref_model=ref, batch_size=settings.batch_size, device=device,
-                         progress=settings.progress)
+                         progress=settings.progress, cuda_graph=settings.cuda_graph)
     row: dict[str, Any] = {"n_windows": r["n_windows"], "n_tokens": r["n_tokens"]}
     if plan.mode == "perplexity":
         row["ppl"] = r["ppl"]
