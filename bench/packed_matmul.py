@@ -13,6 +13,10 @@ with the speed-up over bf16, the effective weight bandwidth of the packed kernel
 ``x @ dequantize(W)^T`` in fp64 (checked on fresh random data; the output is poisoned with NaN first). The target is
 >= 2.5x over bf16 at M <= 16 for the large shapes.
 
+"read floor": the CUDA-graph time of a kernel that only streams the packed codes and scales once (no
+arithmetic, no activations, no output): bf16 time / read floor bounds the speed-up any packed kernel can reach at that
+shape under this timing (launch, ramp-up and tail included); at M = 1 the small shapes sit well below 2.5x by it.
+
 Two timings per case: "eager" (``do_bench``: a Python call per run, so a launcher whose host time exceeds the GPU time
 shows up as idle GPU time) and "graph" (the same call captured once in a CUDA graph and replayed after an L2 flush:
 the GPU time alone, as a graph-captured decode step sees it). "host us" is the launcher's Python time per call
@@ -110,6 +114,46 @@ def _host_us(fn, calls: int = 200) -> float:
     return t
 
 
+def _stream_kernel():
+    import triton
+    import triton.language as tl
+
+    global _STREAM
+    if _STREAM is None:
+        @triton.jit
+        def stream(p_ptr, out_ptr, n, BLOCK: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            v = tl.load(p_ptr + offs, mask=offs < n, other=0)
+            tl.store(out_ptr + tl.program_id(0), tl.sum(v, axis=0))
+
+        _STREAM = stream
+    return _STREAM
+
+
+_STREAM = None
+
+
+def _read_floor_graph(tensors, reps: int = 100) -> float:
+    """GPU milliseconds (CUDA graph, L2 flushed) of a Triton kernel that only streams ``tensors`` (the packed codes
+    and scales) once from memory: what any kernel that must read those bytes pays, launch and ramp-up included, at
+    this size. A packed GEMM's speed-up over bf16 cannot exceed bf16 time / this."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    import triton
+
+    _stream = _stream_kernel()
+    words = [t.reshape(-1).view(torch.int32) if t.numel() % 4 == 0 else t.reshape(-1).to(torch.int32)
+             for t in tensors]
+    block = 2048  # 8 KiB per program: four 16-byte loads in flight per thread
+    outs = [torch.empty(triton.cdiv(w.numel(), block), dtype=torch.int32, device=w.device) for w in words]
+
+    def run():
+        for w, o in zip(words, outs):
+            _stream[(o.numel(),)](w, o, w.numel(), BLOCK=block, num_warps=4)
+
+    return _bench_graph(run, reps)
+
+
 PATHS = {"old": "tile", "new": "auto"}  # --path: the tile kernel at every M, or the decode kernel at M <= 16
 
 
@@ -144,6 +188,7 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         packed = {f: PackedLinear.from_weight(w, specs[f]) for f in formats}
         codes = {f: max_scale_code(packed[f].scales) for f in formats}  # once per weight: one sync, untimed
+        floors = {f: _read_floor_graph([packed[f].qweight, packed[f].scales]) for f in formats}
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             t_bf16 = _bench(lambda: F.linear(x, w))
@@ -187,11 +232,12 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
                 rows.append(dict(shape=name, M=m, fmt=f, path=path, bf16_ms=t_bf16, triton_ms=t_tri, torch_ms=t_torch,
                                  speedup=t_bf16 / t_tri, torch_speedup=t_bf16 / t_torch, bf16_graph_ms=g_bf16,
                                  triton_graph_ms=g_tri, graph_speedup=g_bf16 / g_tri, host_us=host,
+                                 floor_ms=floors[f], floor_speedup=g_bf16 / floors[f],
                                  gbps=(wbytes + x.numel() * 2 + m * n * 2) / t_tri / 1e6, rel_err=rel, ok=ok,
                                  tune_s=tune_s, config=cfg, top=tops))
                 print(f"  {name:24s} M={m:5d} {f:6s} {path:3s} bf16 {t_bf16*1e3:8.1f}us  triton {t_tri*1e3:8.1f}us "
                       f"({t_bf16 / t_tri:5.2f}x)  graph: bf16 {g_bf16*1e3:7.1f}us triton {g_tri*1e3:7.1f}us "
-                      f"({g_bf16 / g_tri:5.2f}x)  host {host:5.1f}us/call  rel_err {rel:.1e} {'ok' if ok else 'FAIL'}  [{cfg}] tune {tune_s:.0f}s",
+                      f"({g_bf16 / g_tri:5.2f}x; read floor {floors[f]*1e3:.1f}us = {g_bf16 / floors[f]:.2f}x)  host {host:5.1f}us/call  rel_err {rel:.1e} {'ok' if ok else 'FAIL'}  [{cfg}] tune {tune_s:.0f}s",
                       flush=True)
                 if tops:
                     print(f"      fastest configs (us): {tops}", flush=True)
@@ -203,12 +249,12 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
 
 def print_table(rows: list[dict]) -> None:
     print("\n| shape | M | format | path | bf16 F.linear (us) | packed Triton (us) | speed-up | graph: bf16 / Triton (us) | "
-          "graph speed-up | launcher host us/call | weight+io GB/s | torch dequant+linear (us) | rel err | ok | config |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "graph speed-up | read floor (us) / its speed-up | launcher host us/call | weight+io GB/s | torch dequant+linear (us) | rel err | ok | config |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['M']} | {r['fmt']} | {r['path']} | {r['bf16_ms']*1e3:.1f} | {r['triton_ms']*1e3:.1f} | "
               f"{r['speedup']:.2f}x | {r['bf16_graph_ms']*1e3:.1f} / {r['triton_graph_ms']*1e3:.1f} | "
-              f"{r['graph_speedup']:.2f}x | {r['host_us']:.1f} | {r['gbps']:.0f} | {r['torch_ms']*1e3:.1f} | "
+              f"{r['graph_speedup']:.2f}x | {r['floor_ms']*1e3:.1f} / {r['floor_speedup']:.2f}x | {r['host_us']:.1f} | {r['gbps']:.0f} | {r['torch_ms']*1e3:.1f} | "
               f"{r['rel_err']:.1e} | {'ok' if r['ok'] else 'FAIL'} | {r['config']} |")
     small = [r for r in rows if r["M"] <= 16 and r["shape"].startswith("l3")]
     if small:

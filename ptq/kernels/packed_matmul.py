@@ -549,7 +549,11 @@ def _dcfg(mode, bn, bkw, split, warps=4, stages=3):
 # software-pipelined through shared memory (3 stages).
 _DOT_CONFIGS = [_dcfg(0, bn, bkw, sk, w, 3) for bn, bkw, w in ((32, 32, 4), (64, 16, 4), (64, 32, 4), (128, 32, 8))
                 for sk in (1, 2, 4, 8)]
-_FMA_CONFIGS = [_dcfg(1, bn, bkw, sk, 4, 2) for bn, bkw in ((32, 16), (32, 32), (64, 16)) for sk in (1, 2, 4, 8)]
+_FMA_CONFIGS = [_dcfg(1, bn, bkw, sk, 4, 2) for bn, bkw in ((16, 32), (16, 64), (32, 16), (32, 32), (64, 16))
+                for sk in (1, 2, 4, 8)]
+# BN 16 rows with 32-64 words per chunk were added after a sweep (H100, CUDA graphs, MXFP4, M = 1): best at
+# 4096 -> 14336 (28.2 vs 29.9 us) and 4096 -> 1024 (10.3 vs 10.5 us), tied elsewhere; num_stages did not matter
+# (the FMA loop's loads are not software-pipelined).
 # Measured on the H100 (bench/packed_matmul.py, CUDA graphs): at M = 1 the FMA reduction won every Llama-3-8B shape
 # (MXFP4 1.19-1.92x bf16 vs 1.13-1.67x for the tile kernel), while at M = 16 the decode kernel's dot path lost to
 # the tile kernel (1.06x vs 1.36x at 4096 x 4096). So "auto" sends only M = 1 here, and M = 1 tunes FMA configs only.
