@@ -221,57 +221,104 @@ def test_backend_dispatch(monkeypatch):
 
 
 # ---- kernel variants (ptq.kernels.hadamard.TileConfig; bench/hadamard.py times them on the GPU) -----------------
-_VARIANT_ENVS = [
-    {"PTQ_HADAMARD_VARIANT": "r2"},
-    {"PTQ_HADAMARD_VARIANT": "r4", "PTQ_HADAMARD_TILE": "512,1"},
-    {"PTQ_HADAMARD_VARIANT": "xor"},
-    {"PTQ_HADAMARD_VARIANT": "xor1", "PTQ_HADAMARD_MIXG": "1"},
-    {"PTQ_HADAMARD_VARIANT": "xor3", "PTQ_HADAMARD_UNROLL": "0"},
-    {"PTQ_HADAMARD_VARIANT": "xor2", "PTQ_HADAMARD_MIXG": "1", "PTQ_HADAMARD_UNROLL": "0",
-     "PTQ_HADAMARD_TILE": "1024,2"},
-]
+_VARIANTS = ["r2", "r4/512x1", "xor", "xor1/g1", "xor3/u0", "xor2/g1/u0/1024x2", "q0", "rows", "rows/l2",
+             "rows/l2/i1/2048x2", "rows/l4/i1/256x1", "rows/l1/q0/8192x8"]
 
 
-@pytest.mark.parametrize("env", _VARIANT_ENVS, ids=lambda e: "-".join(f"{k[13:]}={v}" for k, v in e.items()))
+def _config(variant: str, rot):
+    from ptq.kernels.hadamard import default_config, parse_variant
+
+    return parse_variant(variant, default_config(rot))
+
+
+@pytest.mark.parametrize("variant", _VARIANTS)
 @pytest.mark.parametrize("size,kind,block", [(256, "full", None), (48, "full", None), (576, "full", None),
                                              (128, "block", 32), (128, "block", 64), (96, "block", 16)])
-def test_every_variant_is_bit_exact(monkeypatch, env, size, kind, block):
-    """Each butterfly formulation / tile / mixing form: the same bits as the reference, fused and unfused (bf16
-    takes the int32-pair load path, float32 the native one)."""
+def test_every_variant_is_bit_exact(variant, size, kind, block):
+    """Each butterfly formulation / tile / mixing form / quantization tail: the same bits as the reference, fused
+    and unfused (bf16 takes the int32-pair load path, float32 the native one)."""
     from ptq.kernels.hadamard import rotate_fake_quantize, triton_rotate
     from ptq.quantizers import fake_quantize
 
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    g = torch.Generator().manual_seed(size + len(env))
+    g = torch.Generator().manual_seed(size + len(variant))
     rot = HadamardRotation(size, kind, block, backend="torch")
+    cfg = _config(variant, rot)
+    if variant.startswith("rows") and rot.m > 1:
+        with pytest.raises(PtqError, match="MODE_ROWS"):
+            triton_rotate(torch.zeros(2, size), rot, config=cfg)
+        return
     for dtype in (torch.bfloat16, torch.float32):
         x = (torch.randn(3, 7, size, generator=g) * 2).to(dtype)  # 21 rows: the last program is partial
         x[0, 0, :5] = -0.0
-        _assert_bits_equal(triton_rotate(x, rot), rot(x), f"rotate {env} {dtype}")
-        _assert_bits_equal(triton_rotate(x, rot, inverse=True), rot.inverse(x), f"inverse {env} {dtype}")
+        _assert_bits_equal(triton_rotate(x, rot, config=cfg), rot(x), f"rotate {variant} {dtype}")
+        _assert_bits_equal(triton_rotate(x, rot, inverse=True, config=cfg), rot.inverse(x),
+                           f"inverse {variant} {dtype}")
         spec = QuantSpec.mxint(4)
-        _assert_bits_equal(rotate_fake_quantize(x, rot, spec, backend="triton"),
-                           fake_quantize(rot(x), spec, backend="torch"), f"fused {env} {dtype}")
+        _assert_bits_equal(rotate_fake_quantize(x, rot, spec, backend="triton", config=cfg),
+                           fake_quantize(rot(x), spec, backend="torch"), f"fused {variant} {dtype}")
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",  # inf arithmetic in the interpreter
                             "ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("variant", ["r2", "r4", "xor", "xor2"])
-def test_partner_fetch_survives_extreme_bit_patterns(monkeypatch, variant):
+@pytest.mark.parametrize("variant", ["r2", "r4", "xor", "xor2", "rows/l4", "rows/l8/i1"])
+def test_partner_fetch_survives_extreme_bit_patterns(variant):
     """The partner-fetch stage recovers a partner's bits as (v + partner) - v in wrapping int32 arithmetic: values
     whose patterns overflow that sum (large negatives, -0.0, subnormals, infinities) must come through unchanged."""
     from ptq.kernels.hadamard import triton_rotate
 
-    monkeypatch.setenv("PTQ_HADAMARD_VARIANT", variant)
     vals = torch.tensor([-3.0e38, -1.0e-45, -0.0, 0.0, 3.0e38, -float("inf"), 1.0e-40, -2.5], dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     x = vals[torch.randint(0, len(vals), (4, 64), generator=g)]
     rot = HadamardRotation(64, backend="torch")
-    got, expect = triton_rotate(x, rot), rot(x)
+    got, expect = triton_rotate(x, rot, config=_config(variant, rot)), rot(x)
     nan = torch.isnan(expect)  # inf - inf: NaN on both sides (payloads may differ), everything else bit-exact
     assert torch.equal(torch.isnan(got), nan)
     assert torch.equal(bits(got)[~nan], bits(expect)[~nan])
+
+
+def _adversarial(g: torch.Generator, rows: int, n: int) -> torch.Tensor:
+    """fp32 values that stress an MX tail: heavy-tailed magnitudes over the whole exponent range, signed zeros,
+    subnormals, infinities and NaN inside otherwise finite blocks, whole blocks of tiny values (the shared exponent
+    clamped at -127) and blocks at the top of the range."""
+    from bitcheck import randn
+
+    x = randn(g, rows, n, spread=3.0) * torch.exp2(torch.randint(-140, 120, (rows, 1), generator=g).float())
+    x[0, :n // 2] = -0.0
+    x[1, 3] = float("inf")
+    x[1, 9] = -float("inf")
+    x[2, 5] = float("nan")
+    x[3] = torch.randn(n, generator=g) * 2.0 ** -135  # subnormal block
+    x[4] = torch.randn(n, generator=g) * 2.0 ** 126  # saturating block
+    x[5, ::3] = 0.0
+    return x
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec", [QuantSpec.mxint(4), QuantSpec.mxint(8), QuantSpec.mxint(2, block_size=16),
+                                  QuantSpec.mxint(6, block_size=64)], ids=str)
+def test_lean_mxint_tail_matches_the_reference_on_extreme_values(spec, dtype):
+    """``_mxint_even_tile`` (the shortened MXINT tail) against the torch reference and the generic tail, on values
+    the shortcuts could get wrong. A block-diagonal rotation of block 1 is the identity, so the fused kernel
+    quantizes exactly the input."""
+    from ptq.kernels.hadamard import rotate_fake_quantize
+    from ptq.quantizers import fake_quantize
+
+    g = torch.Generator().manual_seed(spec.width)
+    x = _adversarial(g, 8, 128).to(dtype)
+    expect = fake_quantize(x, spec, backend="torch")
+    nan = torch.isnan(expect)
+    for size, block in [(128, 1), (128, 2), (128, 8)]:
+        rot = HadamardRotation(size, "block", block, backend="torch")
+        ref = fake_quantize(rot(x), spec, backend="torch")
+        nan = torch.isnan(ref)
+        for variant in ("rows", "rows/q0", "r2"):
+            got = rotate_fake_quantize(x, rot, spec, backend="triton", config=_config(variant, rot))
+            assert torch.equal(torch.isnan(got), nan), f"{size} {block} {variant}"
+            assert torch.equal(bits(got)[~nan], bits(ref)[~nan]), f"{size} {block} {variant}"
+            if block == 1:
+                assert torch.equal(bits(got)[~nan], bits(expect)[~nan])
 
 
 def test_unaligned_bf16_input_uses_the_int16_path():
@@ -289,33 +336,76 @@ def test_unaligned_bf16_input_uses_the_int16_path():
                        fake_quantize(rot(x), spec, backend="torch"), "unaligned")
 
 
-def test_variant_environment_is_validated(monkeypatch):
-    from ptq.kernels.hadamard import MODE_RADIX2, MODE_RADIX4, MODE_XOR, _env_config, default_config
+def test_variant_strings_are_validated():
+    from ptq.kernels.hadamard import (MODE_RADIX2, MODE_RADIX4, MODE_ROWS, MODE_XOR, TileConfig, default_config,
+                                      parse_variant)
 
-    rot = HadamardRotation(4096)
-    base = default_config(rot)
-    # the defaults the H100 measurement picked (see default_config)
-    assert base.mode == MODE_XOR and base.xor_stages == 5
-    assert default_config(HadamardRotation(64, "block", 32)).mode == MODE_RADIX2
-    monkeypatch.setenv("PTQ_HADAMARD_VARIANT", "r4")
-    monkeypatch.setenv("PTQ_HADAMARD_TILE", "8192,8")
-    cfg = _env_config(base)
+    base = default_config(HadamardRotation(4096))
+    # the defaults the H100 measurements picked (see default_config)
+    assert base.mode == MODE_XOR and base.xor_stages == 6
+    assert default_config(HadamardRotation(2048)).xor_stages == 5  # an even number of stages left for radix-4
+    b32, b64 = default_config(HadamardRotation(64, "block", 32)), default_config(HadamardRotation(64, "block", 64))
+    assert (b32.mode, b32.lanes, b32.interleave) == (MODE_ROWS, 2, True)
+    assert (b64.mode, b64.lanes, b64.interleave) == (MODE_ROWS, 2, False)
+    assert default_config(HadamardRotation(576)).mode == MODE_XOR
+    cfg = parse_variant("r4/8192x8", base)
     assert (cfg.mode, cfg.elems, cfg.warps) == (MODE_RADIX4, 8192, 8)
-    for var, val, msg in [("PTQ_HADAMARD_VARIANT", "fast", "PTQ_HADAMARD_VARIANT"),
-                          ("PTQ_HADAMARD_TILE", "4096", "ELEMS,WARPS"),
-                          ("PTQ_HADAMARD_TILE", "3000,4", "power of two")]:
-        monkeypatch.setenv(var, val)
-        with pytest.raises(PtqError, match=msg):
-            _env_config(base)
-        monkeypatch.delenv(var)
+    cfg = parse_variant("rows/l2/i1/q0/c1", TileConfig())
+    assert (cfg.mode, cfg.lanes, cfg.interleave, cfg.lean, cfg.pair_cvt) == (MODE_ROWS, 2, True, False, True)
+    assert parse_variant("default", base) == base and parse_variant("r2", base).mode == MODE_RADIX2
+    for bad in ("fast", "4096", "3000x4", "4096x3", "l3", "xor/q2"):
+        with pytest.raises(PtqError, match="unknown token"):
+            parse_variant(bad, base)
 
 
-def test_bench_variants_parse_and_are_exact(monkeypatch):
+class _RecordingEnv(dict):
+    """A stand-in for os.environ that records which names are read."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.read = []
+
+    def get(self, key, default=None):
+        self.read.append(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.append(key)
+        return super().__contains__(key)
+
+
+def test_configuration_is_not_read_from_the_environment(monkeypatch):
+    """The launch path reads no PTQ_* environment variable per call; a configuration is passed explicitly."""
+    import os
+
+    from ptq.kernels.hadamard import rotate_fake_quantize, triton_rotate
+    from ptq.quantizers import fake_quantize
+
+    rot = HadamardRotation(64, "block", 32, backend="torch")
+    x = torch.randn(4, 64)
+    spec = QuantSpec.mxint(4)
+    expect_rot, expect_q = rot(x), fake_quantize(rot(x), spec, backend="torch")
+    triton_rotate(x, rot)  # compile / warm the caches first
+    rotate_fake_quantize(x, rot, spec, backend="triton")
+    monkeypatch.setenv("PTQ_HADAMARD_VARIANT", "r4")  # the former override: now without effect
+    env = _RecordingEnv(os.environ)
+    monkeypatch.setattr(os, "environ", env)
+    got_rot, got_q = triton_rotate(x, rot), rotate_fake_quantize(x, rot, spec, backend="triton")
+    assert not [k for k in env.read if k.startswith("PTQ_")]
+    _assert_bits_equal(got_rot, expect_rot, "rotate")
+    _assert_bits_equal(got_q, expect_q, "fused")
+
+
+def test_bench_variants_parse_and_are_exact():
     """Every variant the GPU benchmark runs by default is a valid configuration with the reference's bits."""
     import importlib.util
     import os
 
-    from ptq.kernels.hadamard import _env_config, default_config, rotate_fake_quantize
+    from ptq.kernels.hadamard import rotate_fake_quantize
     from ptq.quantizers import fake_quantize
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "hadamard.py")
@@ -328,30 +418,61 @@ def test_bench_variants_parse_and_are_exact(monkeypatch):
         x = torch.randn(2, size).to(torch.bfloat16)
         expect = fake_quantize(rot(x), spec, backend="torch")
         for v in bench.default_variants(rot):
-            with bench._Env(bench.variant_env(v)):
-                _env_config(default_config(rot))
-                _assert_bits_equal(rotate_fake_quantize(x, rot, spec, backend="triton"), expect, f"{size} {v}")
+            cfg = bench.variant_config(v, rot)
+            _assert_bits_equal(rotate_fake_quantize(x, rot, spec, backend="triton", config=cfg), expect, f"{size} {v}")
     with pytest.raises(SystemExit):
-        bench.variant_env("xor/fast")
+        bench.check_variant("xor/fast")
+
+
+_GPU_VARIANTS = [  # (size, kind, block, variants): each case with the formulations that apply to it
+    (4096, "full", None, ["default", "xor3/q0", "r4/c1", "xor7/c1"]),
+    (8192, "full", None, ["default"]),
+    (576, "full", None, ["default", "r2/g1/c1/q0"]),
+    (4096, "block", 32, ["default", "c1", "r2", "rows/l2/i1/c1", "rows/l4"]),
+    (576, "block", 64, ["default", "rows/l1/8192x8/c1"]),
+    (96, "block", 16, ["default", "rows/l2/c1/q0"]),
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["r2", "r4", "xor", "xor3", "xor5"])
-@pytest.mark.parametrize("size,kind,block", [(4096, "full", None), (576, "full", None), (4096, "block", 32),
-                                             (8192, "full", None)])
-def test_gpu_variants_bit_exact(monkeypatch, variant, size, kind, block):
-    """The compiled paths the interpreter never takes (hardware bf16 rounding, int32-pair loads) in every
-    butterfly formulation, and both mixing forms."""
+@pytest.mark.parametrize("size,kind,block,variant", [(n, k, b, v) for n, k, b, vs in _GPU_VARIANTS for v in vs])
+def test_gpu_variants_bit_exact(size, kind, block, variant):
+    """The compiled paths the interpreter never takes (hardware bf16 rounding, paired cvt, int32-pair loads) in
+    every butterfly formulation, both mixing forms and both quantization tails."""
     from ptq.kernels.hadamard import rotate_fake_quantize, triton_rotate
     from ptq.quantizers import fake_quantize
 
-    monkeypatch.setenv("PTQ_HADAMARD_VARIANT", variant)
-    x = (torch.randn(77, size, device="cuda") * 3).to(torch.bfloat16)
     rot = HadamardRotation(size, kind, block).cuda()
+    cfg = _config(variant, rot)
+    x = (torch.randn(77, size, device="cuda") * 3).to(torch.bfloat16)
+    x[3, :7] = -0.0
+    x[5, 1] = float("inf")
     ref = rotate_reference(x, size, kind=kind, block_size=block)
-    for mixg in ("4", "1"):
-        monkeypatch.setenv("PTQ_HADAMARD_MIXG", mixg)
-        _assert_bits_equal(triton_rotate(x, rot), ref, f"rotate {variant} g{mixg}")
-        for spec in (QuantSpec.mxint(4), QuantSpec.int_(4, block_size=32)):  # bf16-exact store / rounded store
-            _assert_bits_equal(rotate_fake_quantize(x, rot, spec), fake_quantize(ref, spec, backend="torch"),
-                               f"fused {spec} {variant} g{mixg}")
+    nan = torch.isnan(ref)
+    got = triton_rotate(x, rot, config=cfg)
+    assert torch.equal(torch.isnan(got), nan) and torch.equal(bits(got)[~nan], bits(ref)[~nan]), f"rotate {variant}"
+    for spec in (QuantSpec.mxint(4), QuantSpec.int_(4, block_size=32), QuantSpec.mxint(8, block_size=16)):
+        # bf16-exact store (lean tail for mxint) / rounded store
+        expect = fake_quantize(ref, spec, backend="torch")
+        nan = torch.isnan(expect)
+        got = rotate_fake_quantize(x, rot, spec, config=cfg)
+        assert torch.equal(torch.isnan(got), nan), f"fused {spec} {variant}"
+        assert torch.equal(bits(got)[~nan], bits(expect)[~nan]), f"fused {spec} {variant}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [QuantSpec.mxint(4), QuantSpec.mxint(8, block_size=16)], ids=str)
+def test_gpu_lean_mxint_tail_on_extreme_values(spec):
+    from ptq.kernels.hadamard import rotate_fake_quantize
+    from ptq.quantizers import fake_quantize
+
+    g = torch.Generator().manual_seed(spec.width)
+    x = _adversarial(g, 64, 256).to(torch.bfloat16).cuda()
+    for size, block in [(256, 1), (256, 32)]:
+        rot = HadamardRotation(size, "block", block).cuda()
+        ref = fake_quantize(rotate_reference(x, size, kind="block", block_size=block), spec, backend="torch")
+        nan = torch.isnan(ref)
+        for variant in ("default", "c1", "q0"):
+            got = rotate_fake_quantize(x, rot, spec, config=_config(variant, rot))
+            assert torch.equal(torch.isnan(got), nan), f"{block} {variant}"
+            assert torch.equal(bits(got)[~nan], bits(ref)[~nan]), f"{block} {variant}"

@@ -8,20 +8,30 @@ are deterministic, so the results are bit-identical to the reference. The mixing
 the product is exact, so its single rounding is the addition's; elsewhere FMA contraction is disabled.
 
 Kernels:
+- ``_rows_kernel`` (m == 1, the block-diagonal rotations of the activation path, p <= 256): ``lanes`` threads share
+  one transform row, each holding ``p / lanes`` of its elements in 16-byte vectors (one run of consecutive vectors,
+  or with ``interleave`` every lanes-th vector), so all stages but log2(lanes) are register additions and those
+  fetch their partner across lanes; a quantization block is then reduced within its few threads. Then scale,
+  dtype rounding and, when ``QUANT``, the MX fake quantization on the same registers before the single store.
 - ``_rotate_kernel``: one program owns ``T`` consecutive rows of the flat ``[rows * m, p]`` view of the output
   (``p <= MAX_TILE``): mixing from global memory (rows four at a time, each input chunk loaded once per four
-  outputs), butterflies in registers, scale, dtype rounding and, when ``QUANT``, the MX fake quantization of
-  ``ptq.kernels.mx_quant``'s ``fake_quant_tile`` on the same registers before the single store. This is the fused
-  activation path. Its speed is instruction-bound (memory needs ~40 instructions per bf16 element on an H100), so
-  the formulation is chosen by the SASS it compiles to: see ``TileConfig`` / ``default_config`` (the butterfly
-  ``MODE``s, tile size, mixing group; all bit-identical) and ``bench/hadamard.py``, which times them.
+  outputs), butterflies in registers, scale, dtype rounding and the optional fake quantization as above.
+  Where the data sit in L2 (dim 576: 19 MB in, 19 MB out) both run near instruction speed, so the SASS they
+  compile to guides the formulation, but H100 timings decide it (the layout of the memory accesses mattered as
+  much): see ``TileConfig`` / ``default_config`` and ``bench/hadamard.py``, which counts (``--sass``) and times
+  them.
 - Longer rows (``p > MAX_TILE``): ``_mix_kernel`` (m > 1) then two ``_butterfly_pass_kernel`` passes over fp32
   scratch (stages ``h < L1`` inside contiguous chunks of ``L1``, then the strided stages ``h >= L1`` with the scale),
   then a torch cast; quantization then runs as a separate kernel.
+
+MXINT with round-half-even and the floor scale rule (the shipped recipes) is quantized by ``_mxint_even_tile``, a
+shorter form of ``mx_quant.fake_quant_tile`` with the same bits (its docstring says why); other specs use
+``fake_quant_tile`` itself.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -31,22 +41,25 @@ import triton.language as tl
 
 from ptq.errors import PtqError
 from ptq.formats import QuantSpec
-from ptq.kernels._triton_utils import bf16_bits_to_f32, f32_to_bf16_bits
-from ptq.kernels.mx_quant import bf16_exact, fake_quant_tile, format_constants, tile_stats
+from ptq.kernels._triton_utils import bf16_bits_to_f32, exp2i, f32_to_bf16_bits
+from ptq.kernels.mx_quant import (FAM_MXINT, bf16_exact, fake_quant_tile, format_constants, mx_block_exponent,
+                                  tile_stats)
 
 MAX_TILE = 8192  # elements of one transform row held in registers by one program
 _TILE_TARGET = 4096  # elements per program of the unfused long-row passes
-# How the fp32 rotation result is rounded to a bf16 value inside ``_rotate_kernel`` (constexpr OUT_KIND):
+# How the fp32 rotation result is rounded to a bf16 value inside the kernels (constexpr OUT_KIND):
 # native ``.to()`` for fp32 / fp16, round-to-nearest-even on the bit pattern (exact everywhere, ~7 instructions
-# per element), or the GPU's cvt.rn.bf16.f32 (the same rounding in ~1 instruction; never under the interpreter,
-# whose fp32 -> bf16 cast truncates).
-OUT_NATIVE, OUT_BF16_BITS, OUT_BF16_HW = 0, 1, 2
+# per element), the GPU's cvt.rn.bf16.f32 (the same rounding in ~1 instruction, plus a shift back to fp32), or
+# cvt.rn.bf16x2.f32 on pairs (one cvt per two elements; inline PTX). The hardware kinds never run under the
+# interpreter, whose fp32 -> bf16 cast truncates and which cannot run PTX.
+OUT_NATIVE, OUT_BF16_BITS, OUT_BF16_HW, OUT_BF16_HW2 = 0, 1, 2, 3
 # Butterfly formulations (constexpr MODE), all doing the same additions in the same order (identical bits):
 # radix-2 / radix-4 register shuffles (reshape / permute / split / join: the compiler moves data between layouts,
 # often through shared memory), or "xor" (partner fetch): each element fetches its partner's bit pattern with a
 # 2-element reduction (an in-register op, or one warp shuffle, where the pair lies in a thread or a warp; no layout
-# change) for the first XOR_LOG stages, radix-4 for the rest. ``TileConfig`` / ``default_config`` choose.
-MODE_RADIX2, MODE_RADIX4, MODE_XOR = 0, 1, 2
+# change) for the first XOR_LOG stages, radix-4 for the rest. MODE_ROWS (m == 1 only) is ``_rows_kernel``: rows
+# laid out so that the early stages are register additions. ``TileConfig`` / ``default_config`` choose.
+MODE_RADIX2, MODE_RADIX4, MODE_XOR, MODE_ROWS = 0, 1, 2, 3
 
 
 @triton.jit
@@ -79,9 +92,10 @@ def _stage_xor(x, T: tl.constexpr, P: tl.constexpr, H: tl.constexpr):
     v = tl.reshape(x, (T * P // (2 * H), 2, H))
     bits = v.to(tl.int32, bitcast=True)
     partner = (tl.sum(bits, 1, keep_dims=True) - bits).to(tl.float32, bitcast=True)
-    first = (tl.arange(0, 2) == 0)[None, :, None]
-    # first: v = a, partner = b -> a + b; second: partner = a, v = b -> a - b (both exactly the reference's ops)
-    return tl.reshape(tl.where(first, v + partner, partner - v), (T, P))
+    # first: partner + v = b + a; second: partner - v = a - b. The product by +-1 is exact, so the fma rounds once,
+    # like the reference's add / subtract: one instruction where two and a select would do
+    sign = tl.where(tl.arange(0, 2) == 0, 1.0, -1.0)[None, :, None]
+    return tl.reshape(tl.fma(sign, v, partner), (T, P))
 
 
 @triton.jit
@@ -103,14 +117,94 @@ def _butterflies(x, T: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, MODE:
 
 
 @triton.jit
+def _row_butterflies(x, T: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, LANE_LO: tl.constexpr,
+                     LANE_HI: tl.constexpr):
+    """Stages h = 1 .. P/2 of a [T, P] tile whose strides LANE_LO <= h < LANE_HI pair elements of different threads
+    (partner fetch) and all others elements of one thread (``_stage2`` compiles to plain additions there)."""
+    for s in tl.static_range(LOG_P):
+        if (1 << s) >= LANE_LO and (1 << s) < LANE_HI:
+            x = _stage_xor(x, T, P, 1 << s)
+        else:
+            x = _stage2(x, T, P, 1 << s)
+    return x
+
+
+@triton.jit
+def _bf16_round_pairs(y):
+    """fp32 -> bf16 (nearest even) -> fp32 of two elements per cvt.rn.bf16x2.f32 (GPU only)."""
+    r = tl.inline_asm_elementwise(
+        "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $3, $2; shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }",
+        "=r,=r,r,r", [y.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=2)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _round_to_out(y, OUT_KIND: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """fp32 -> output dtype -> fp32 (the value the reference holds after its cast)."""
     if OUT_KIND == 1:
         return (f32_to_bf16_bits(y, False).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     elif OUT_KIND == 2:
         return y.to(tl.bfloat16).to(tl.float32)
+    elif OUT_KIND == 3:
+        return _bf16_round_pairs(y)
     else:
         return y.to(OUT_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _mxint_even_tile(xb, EMAX: tl.constexpr, MAX_NORMAL: tl.constexpr, LEVELS: tl.constexpr,
+                     FRAC_BITS: tl.constexpr):
+    """``fake_quant_tile`` for MXINT with round-half-even and the floor scale rule on [NQB, QB] (one block per row),
+    bit for bit in fewer instructions. Why it may skip steps: |x| / 2^e * 2^FRAC_BITS < 2^(EMAX + 1 + FRAC_BITS)
+    (EMAX >= 0, so e is never clamped from above) is far below 2^22, so the half-even rounding needs no cap; and
+    m * 2^(e - FRAC_BITS) is exact, so one fma of m with the step carrying x's sign, plus +0, gives the signed value
+    and turns the -0 of a negative x rounded to zero into the reference's +0 (the reference: compare, multiply,
+    two bit operations, select). Non-finite x are left out of the block maximum and returned unchanged."""
+    bits = xb.to(tl.int32, bitcast=True)
+    # amax of the finite |x| in 2 instructions per element, not 3 (compare, select, max): 2 |x|_bits + 2^24 wraps
+    # to below 2^24 for inf / NaN and keeps the order of every finite |x| above it, so an unsigned max skips them
+    key = ((bits << 1) + 16777216).to(tl.uint32, bitcast=True)
+    kmax = tl.maximum(tl.max(key, axis=1), 16777216)[:, None]  # all non-finite: amax 0, like the reference
+    amax = ((kmax - 16777216) >> 1).to(tl.float32, bitcast=True)
+    e = mx_block_exponent(amax, EMAX, MAX_NORMAL, False)
+    ax = tl.abs(xb)
+    m = tl.minimum((((ax * exp2i(-e)) * (1 << FRAC_BITS)) + 12582912.0) - 12582912.0, LEVELS)
+    step = ((bits & -2147483648) | exp2i(e - FRAC_BITS).to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    # m is meaningless where x is inf / NaN: x itself is kept there
+    return tl.where(ax < float("inf"), tl.fma(m, step, 0.0), xb)
+
+
+@triton.jit
+def _quantize(x, u, T: tl.constexpr, P: tl.constexpr, QB: tl.constexpr, LEAN: tl.constexpr,
+              FAMILY: tl.constexpr, WIDTH: tl.constexpr, MAN_BITS: tl.constexpr, EMAX: tl.constexpr,
+              EMIN: tl.constexpr, MAX_NORMAL: tl.constexpr, LEVELS: tl.constexpr, FRAC_BITS: tl.constexpr,
+              ROUNDING: tl.constexpr, SCALE_CEIL: tl.constexpr):
+    """MX fake quantization of the [T, P] tile ``x`` in blocks of QB consecutive elements (``u``: the [T, P] noise
+    of stochastic rounding, else 0.0)."""
+    NQB: tl.constexpr = T * P // QB
+    xb = tl.reshape(x, (NQB, QB))
+    if LEAN:
+        xq = _mxint_even_tile(xb, EMAX, MAX_NORMAL, LEVELS, FRAC_BITS)
+    else:
+        if ROUNDING == 3:
+            u = tl.reshape(u, (NQB, QB))
+        ax, amax = tile_stats(xb, True, False)
+        xq = fake_quant_tile(xb, ax, amax, u, 1.0, FAMILY, WIDTH, MAN_BITS, EMAX, EMIN, MAX_NORMAL, LEVELS,
+                             FRAC_BITS, ROUNDING, SCALE_CEIL, NQB, QB)
+    return tl.reshape(xq, (T, P))
+
+
+@triton.jit
+def _store_out(ptrs, x, mask, OUT_KIND: tl.constexpr, STORE_EXACT: tl.constexpr):
+    """Store fp32 ``x`` in the output dtype. STORE_EXACT: x is a value of the output dtype already (the rounded
+    rotation, or an MX grid value that ``mx_quant.bf16_exact`` guarantees is a bf16 number), so dropping the low
+    half is the cast."""
+    if OUT_KIND == 0:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+    elif STORE_EXACT or OUT_KIND == 1:
+        tl.store(ptrs, f32_to_bf16_bits(x, STORE_EXACT), mask=mask)
+    else:
+        tl.store(ptrs, x.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=mask)
 
 
 @triton.jit
@@ -153,8 +247,8 @@ def _rotate_kernel(x_ptr, s_ptr, y_ptr, noise_ptr, n_flat, scale,
                    QUANT: tl.constexpr, QB: tl.constexpr,
                    FAMILY: tl.constexpr, WIDTH: tl.constexpr, MAN_BITS: tl.constexpr, EMAX: tl.constexpr,
                    EMIN: tl.constexpr, MAX_NORMAL: tl.constexpr, LEVELS: tl.constexpr, FRAC_BITS: tl.constexpr,
-                   ROUNDING: tl.constexpr, SCALE_CEIL: tl.constexpr, MODE: tl.constexpr, XOR_LOG: tl.constexpr,
-                   UNROLL: tl.constexpr, G: tl.constexpr, USE_I64: tl.constexpr):
+                   ROUNDING: tl.constexpr, SCALE_CEIL: tl.constexpr, LEAN: tl.constexpr, MODE: tl.constexpr,
+                   XOR_LOG: tl.constexpr, UNROLL: tl.constexpr, G: tl.constexpr, USE_I64: tl.constexpr):
     """One program: ``T`` consecutive length-P rows of the flat [rows * M, P] view of the output (row t is
     mixing row i = t % M of transform row t // M; no padding of M to a power of two)."""
     t = tl.program_id(0) * T + tl.arange(0, T)
@@ -209,24 +303,85 @@ def _rotate_kernel(x_ptr, s_ptr, y_ptr, noise_ptr, n_flat, scale,
     x = _butterflies(x, T, P, LOG_P, MODE, XOR_LOG)
     x = _round_to_out(x * scale, OUT_KIND, y_ptr.dtype.element_ty)
     if QUANT:
-        NQB: tl.constexpr = T * P // QB
+        u = 0.0
         if ROUNDING == 3:
-            u = tl.reshape(tl.load(noise_ptr + offs, mask=mask, other=0.0), (NQB, QB))
-        else:
-            u = 0.0
-        xb = tl.reshape(x, (NQB, QB))
-        ax, amax = tile_stats(xb, True, False)
-        xq = fake_quant_tile(xb, ax, amax, u, 1.0, FAMILY, WIDTH, MAN_BITS, EMAX, EMIN, MAX_NORMAL, LEVELS,
-                             FRAC_BITS, ROUNDING, SCALE_CEIL, NQB, QB)
-        x = tl.reshape(xq, (T, P))
-    # STORE_EXACT: x is a value of the output dtype already (the rounded rotation, or an MX grid value that
-    # ``mx_quant.bf16_exact`` guarantees is a bf16 number), so dropping the low half is the cast
-    if OUT_KIND == 0:
-        tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
-    elif STORE_EXACT or OUT_KIND == 1:
-        tl.store(y_ptr + offs, f32_to_bf16_bits(x, STORE_EXACT), mask=mask)
+            u = tl.load(noise_ptr + offs, mask=mask, other=0.0)
+        x = _quantize(x, u, T, P, QB, LEAN, FAMILY, WIDTH, MAN_BITS, EMAX, EMIN, MAX_NORMAL, LEVELS, FRAC_BITS,
+                      ROUNDING, SCALE_CEIL)
+    _store_out(y_ptr + offs, x, mask, OUT_KIND, STORE_EXACT)
+
+
+@triton.jit
+def _row_offsets(rows, L: tl.constexpr, C: tl.constexpr, V: tl.constexpr, ROW: tl.constexpr, ILV: tl.constexpr):
+    """[L, T, C, V] offsets of rows ``rows`` (length ROW) cut into L * C vectors of V elements, vector
+    (l * C + c) (ILV: c * L + l) at rows[t] * ROW + vector * V + v. The order of the dims makes each thread own one
+    (l, t) and all its C vectors: the compiler gives threads to the dims in order of contiguity (v), then by index
+    (l, then t), and what is left (c) stays in registers. ILV interleaves the threads' vectors, so that adjacent
+    threads read and write adjacent 16 bytes (whole 32-byte sectors per instruction)."""
+    l = tl.arange(0, L)[:, None, None, None]
+    c = tl.arange(0, C)[None, None, :, None]
+    vec = c * L + l if ILV else l * C + c
+    return rows[None, :, None, None] * ROW + vec * V + tl.arange(0, V)[None, None, None, :]
+
+
+@triton.jit
+def _load_rows(ptr, rows, L: tl.constexpr, T: tl.constexpr, C: tl.constexpr, V: tl.constexpr, P: tl.constexpr,
+               ILV: tl.constexpr, IN_KIND: tl.constexpr):
+    """fp32 [L, T, C, V] tile of rows ``rows`` (see ``_row_offsets``; IN_KIND as for ``_load_f32``)."""
+    if IN_KIND == 2:
+        w = tl.load(ptr + _row_offsets(rows, L, C, V // 2, P // 2, ILV))
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), (L, T, C, V))
+    v = tl.load(ptr + _row_offsets(rows, L, C, V, P, ILV))
+    return bf16_bits_to_f32(v) if IN_KIND == 1 else v.to(tl.float32)
+
+
+@triton.jit
+def _to_rows(xc, T: tl.constexpr, P: tl.constexpr, ILV: tl.constexpr):
+    """[L, T, C, V] (``_row_offsets``) -> [T, P] in row order."""
+    if ILV:
+        return tl.reshape(tl.permute(xc, (1, 2, 0, 3)), (T, P))
+    return tl.reshape(tl.permute(xc, (1, 0, 2, 3)), (T, P))
+
+
+@triton.jit
+def _from_rows(x, L: tl.constexpr, T: tl.constexpr, C: tl.constexpr, V: tl.constexpr, ILV: tl.constexpr):
+    """[T, P] in row order -> [L, T, C, V] (``_row_offsets``)."""
+    if ILV:
+        return tl.permute(tl.reshape(x, (T, C, L, V)), (2, 0, 1, 3))
+    return tl.permute(tl.reshape(x, (T, L, C, V)), (1, 0, 2, 3))
+
+
+@triton.jit
+def _rows_kernel(x_ptr, y_ptr, noise_ptr, n_rows, scale,
+                 P: tl.constexpr, LOG_P: tl.constexpr, T: tl.constexpr, L: tl.constexpr, V: tl.constexpr,
+                 ILV: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr, STORE_EXACT: tl.constexpr,
+                 QUANT: tl.constexpr, QB: tl.constexpr,
+                 FAMILY: tl.constexpr, WIDTH: tl.constexpr, MAN_BITS: tl.constexpr, EMAX: tl.constexpr,
+                 EMIN: tl.constexpr, MAX_NORMAL: tl.constexpr, LEVELS: tl.constexpr, FRAC_BITS: tl.constexpr,
+                 ROUNDING: tl.constexpr, SCALE_CEIL: tl.constexpr, LEAN: tl.constexpr, USE_I64: tl.constexpr):
+    """One program: ``T`` consecutive length-P transform rows (m == 1), each spread over L threads (MODE_ROWS)."""
+    t = tl.program_id(0) * T + tl.arange(0, T)
+    if USE_I64:
+        t = t.to(tl.int64)
+    C: tl.constexpr = P // (L * V)
+    # rows past the end read the last row (never stored): no masked loads
+    x = _to_rows(_load_rows(x_ptr, tl.minimum(t, n_rows - 1), L, T, C, V, P, ILV, IN_KIND), T, P, ILV)
+    if ILV:
+        x = _row_butterflies(x, T, P, LOG_P, V, V * L)
     else:
-        tl.store(y_ptr + offs, x.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=mask)
+        x = _row_butterflies(x, T, P, LOG_P, C * V, P)
+    x = _round_to_out(x * scale, OUT_KIND, y_ptr.dtype.element_ty)
+    offs = _row_offsets(t, L, C, V, P, ILV)
+    mask = tl.broadcast_to((t < n_rows)[None, :, None, None], (L, T, C, V))
+    if QUANT:
+        u = 0.0
+        if ROUNDING == 3:
+            u = _to_rows(tl.load(noise_ptr + offs, mask=mask, other=0.0), T, P, ILV)
+        x = _quantize(x, u, T, P, QB, LEAN, FAMILY, WIDTH, MAN_BITS, EMAX, EMIN, MAX_NORMAL, LEVELS, FRAC_BITS,
+                      ROUNDING, SCALE_CEIL)
+    _store_out(y_ptr + offs, _from_rows(x, L, T, C, V, ILV), mask, OUT_KIND, STORE_EXACT)
 
 
 @triton.jit
@@ -272,10 +427,13 @@ def _signs(rot, inverse: bool, device) -> torch.Tensor:
     return (s.T if inverse else s).contiguous()
 
 
-def _out_kind(x: torch.Tensor) -> int:
-    if x.dtype != torch.bfloat16:
-        return OUT_NATIVE
-    return OUT_BF16_HW if x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else OUT_BF16_BITS
+# Triton picks the interpreter when a kernel is decorated, i.e. at import: read the switch once, not per launch
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    """Compiled for the CUDA device rather than interpreted (hardware bf16 rounding allowed)."""
+    return x.is_cuda and not _INTERPRETED
 
 
 def _check(x: torch.Tensor, rot) -> None:
@@ -286,19 +444,17 @@ def _check(x: torch.Tensor, rot) -> None:
         raise PtqError(f"the Triton Hadamard kernel handles float32 / bfloat16 / float16, not {x.dtype}")
 
 
-def radix4() -> bool:
-    """Butterflies of the unfused long-row passes two stages at a time (default) or one
-    (``PTQ_HADAMARD_RADIX=2``, for benchmarking); both do the same additions in the same order."""
-    return os.environ.get("PTQ_HADAMARD_RADIX", "4") != "2"
-
-
 @dataclass(frozen=True)
 class TileConfig:
-    """How ``_rotate_kernel`` is launched: ``elems`` elements per program (whole transform rows, at least one),
-    ``warps``, butterfly ``mode`` (``MODE_*``), ``xor_stages`` (MODE_XOR: how many leading stages fetch their
-    partner, the rest run radix-4; -1 = all), ``unroll`` (mixing loop over the m known-order rows unrolled at
-    compile time; by default for m <= 64) and ``mix_group`` (4: mixing rows handled four at a time, sharing
-    each load of the input; 1: one at a time). All configurations give identical bits; they differ in speed only."""
+    """How the tile kernels are launched: ``elems`` elements per program (whole transform rows, at least one),
+    ``warps``, butterfly ``mode`` (``MODE_*``; MODE_ROWS needs m == 1 and p / lanes <= 256), ``xor_stages``
+    (MODE_XOR: how many leading stages fetch their partner, the rest run radix-4; -1 = all), ``unroll`` (mixing
+    loop over the m known-order rows unrolled at compile time; by default for m <= 64), ``mix_group`` (4: mixing
+    rows handled four at a time, sharing each load of the input; 1: one at a time), ``lanes`` (MODE_ROWS: threads
+    sharing one transform row), ``interleave`` (MODE_ROWS: those threads hold alternate 16-byte vectors rather than
+    one run each), ``lean`` (``_mxint_even_tile`` where the spec allows it) and ``pair_cvt`` (bf16 rounding two
+    elements per instruction on the GPU). All configurations give identical bits; they differ in speed only. The
+    unfused long-row passes take their butterflies one stage at a time under MODE_RADIX2, else two."""
 
     elems: int = 4096
     warps: int = 4
@@ -306,114 +462,167 @@ class TileConfig:
     xor_stages: int = -1
     unroll: bool = True
     mix_group: int = 4
+    lanes: int = 1
+    lean: bool = True
+    pair_cvt: bool = False
+    interleave: bool = False
 
 
-_VARIANTS = {"r2": (MODE_RADIX2, 0), "r4": (MODE_RADIX4, 0), "xor": (MODE_XOR, -1)}
+_MODES = {"r2": (MODE_RADIX2, 0), "r4": (MODE_RADIX4, 0), "xor": (MODE_XOR, -1), "rows": (MODE_ROWS, 0)}
+_FLAGS = {"u": "unroll", "q": "lean", "c": "pair_cvt", "i": "interleave"}
 
 
-def _env_config(base: TileConfig) -> TileConfig:
-    """``base`` with the benchmarking overrides of the environment applied:
-    ``PTQ_HADAMARD_VARIANT`` = r2 | r4 | xor | xorK (K leading partner-fetch stages, then radix-4),
-    ``PTQ_HADAMARD_TILE`` = ELEMS,WARPS, ``PTQ_HADAMARD_UNROLL`` = 0 | 1, ``PTQ_HADAMARD_MIXG`` = 1 | 4."""
-    env = os.environ
-    variant = env.get("PTQ_HADAMARD_VARIANT")
-    if env.get("PTQ_HADAMARD_RADIX") == "2" and not variant:
-        variant = "r2"
+def _variant_token(cfg: TileConfig, tok: str) -> TileConfig | None:
+    if tok in _MODES:
+        mode, k = _MODES[tok]
+        return replace(cfg, mode=mode, xor_stages=k)
+    if tok.startswith("xor") and tok[3:].isdigit():
+        return replace(cfg, mode=MODE_XOR, xor_stages=int(tok[3:]))
+    if tok[:1] in _FLAGS and tok[1:] in ("0", "1"):
+        return replace(cfg, **{_FLAGS[tok[0]]: tok[1] == "1"})
+    if tok in ("g1", "g4"):
+        return replace(cfg, mix_group=int(tok[1]))
+    if tok[:1] == "l" and tok[1:].isdigit() and _pow2(int(tok[1:])):
+        return replace(cfg, lanes=int(tok[1:]))
+    elems, _, warps = tok.partition("x")
+    if elems.isdigit() and warps.isdigit() and _pow2(int(elems)) and int(warps) in (1, 2, 4, 8, 16, 32):
+        return replace(cfg, elems=int(elems), warps=int(warps))
+    return None
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def parse_variant(variant: str, base: TileConfig) -> TileConfig:
+    """``base`` changed by a variant string (benchmarks, tests): '/'-joined tokens, each one of a butterfly mode
+    ``r2`` | ``r4`` | ``xor`` | ``xorK`` (K leading partner-fetch stages, then radix-4) | ``rows``, a tile
+    ``ELEMSxWARPS`` (powers of two), ``lN`` (lanes), ``g1`` | ``g4`` (mix_group), ``u0`` | ``u1`` (unroll),
+    ``q0`` | ``q1`` (lean), ``c0`` | ``c1`` (pair_cvt), ``i0`` | ``i1`` (interleave); ``default`` is ``base``."""
     cfg = base
-    if variant:
-        if variant in _VARIANTS:
-            mode, k = _VARIANTS[variant]
-        elif variant.startswith("xor") and variant[3:].isdigit():
-            mode, k = MODE_XOR, int(variant[3:])
-        else:
-            raise PtqError(f"PTQ_HADAMARD_VARIANT={variant!r}: use r2, r4, xor or xorK (K an integer)")
-        cfg = replace(cfg, mode=mode, xor_stages=k)
-    tile = env.get("PTQ_HADAMARD_TILE")
-    if tile:
-        try:
-            elems, warps = (int(v) for v in tile.split(","))
-        except ValueError:
-            raise PtqError(f"PTQ_HADAMARD_TILE={tile!r}: use ELEMS,WARPS, e.g. 4096,4") from None
-        if elems < 1 or elems & (elems - 1) or warps not in (1, 2, 4, 8, 16, 32):
-            raise PtqError(f"PTQ_HADAMARD_TILE={tile!r}: ELEMS must be a power of two, WARPS 1..32 (power of 2)")
-        cfg = replace(cfg, elems=elems, warps=warps)
-    if env.get("PTQ_HADAMARD_UNROLL") in ("0", "1"):
-        cfg = replace(cfg, unroll=env["PTQ_HADAMARD_UNROLL"] == "1")
-    if env.get("PTQ_HADAMARD_MIXG") in ("1", "4"):
-        cfg = replace(cfg, mix_group=int(env["PTQ_HADAMARD_MIXG"]))
+    for tok in [] if variant == "default" else variant.split("/"):
+        nxt = _variant_token(cfg, tok)
+        if nxt is None:
+            raise PtqError(f"Hadamard kernel variant {variant!r}: unknown token {tok!r} (use r2, r4, xor, xorK, "
+                           "rows, ELEMSxWARPS with powers of two, lN, g1/g4, u0/u1, q0/q1, c0/c1, i0/i1)")
+        cfg = nxt
     return cfg
 
 
-def default_config(rot) -> TileConfig:
-    """The launch configuration of ``_rotate_kernel`` for a rotation (before environment overrides).
-
-    Chosen by the SASS the kernel compiles to for sm_90 (triton 3.6, counted offline with ``bench/hadamard.py
-    --sass``; per bf16 element, fused with MXINT4): a bf16 tile load gives each thread 8 consecutive elements, so
-    the first 3 stages are in registers and partner fetch costs nothing there; the next 5 (lane bits) cost one
-    shuffle each, against a trip through shared memory and a barrier per radix-4 pair. Short transforms
-    (p <= 256) therefore fetch partners in every stage and need no shared memory at all (~33 instructions per
-    element for blocks of 32, ~36 for 64, ~39 for 128; quantize alone: ~22); long ones (p >= 512, e.g. 4096) fetch
-    in the first 3 and then go radix-4 (~43; all 12 by partner fetch: ~65, whose cross-warp stages go through
-    shared memory one at a time). 4096 elements in 4 warps (~32 per thread) was never clearly worse than 2048 /
-    8192 elements or 2 / 8 warps. The m = 36 mixing of 576 costs ~35 fma per element on top (~82 in all).
-    ``bench/hadamard.py`` times the alternatives on the GPU. Measured there (H100, 8 x 2048 x dim bf16, MXINT4,
-    CUDA-graph GPU time / quantize alone): the instruction count did not predict the winner for short transforms:
-    plain radix-2 stages gave 1.00x (block 32) / 1.04x (block 64) at dim 4096 against 1.09x / 1.11x with partner
-    fetch in every stage, and tied at 576; for the full 4096 transform, partner fetch in the first 5 stages gave
-    1.33x against 1.42x with 3 and 1.61x with none (radix 4). Those winners are the defaults."""
+@functools.lru_cache(maxsize=256)
+def _default_config(m: int, p: int) -> TileConfig:
     # ~32 fp32 values per thread: a row of 8192 (one program) in 8 warps (~44 instructions vs ~50 in 4)
-    warps = 8 if rot.p > 4096 else 4
-    if rot.p <= 256 and rot.m == 1:
-        return TileConfig(elems=4096, warps=warps, mode=MODE_RADIX2, xor_stages=0, unroll=True, mix_group=4)
-    # p <= 256 after a known-order mixing (576 = 36 x 16): partner fetch throughout measured 4.28x vs 4.48x radix-2
-    xor = -1 if rot.p <= 256 else 5
-    return TileConfig(elems=4096, warps=warps, mode=MODE_XOR, xor_stages=xor, unroll=rot.m <= 64, mix_group=4)
+    warps = 8 if p > 4096 else 4
+    if m == 1 and p <= 256:
+        lanes = min(p, max(2, p // 32))
+        return TileConfig(elems=4096, warps=warps, mode=MODE_ROWS, lanes=lanes, interleave=p // lanes <= 16)
+    # p <= 256 after a known-order mixing (576 = 36 x 16): partner fetch throughout measured 4.28x vs 4.48x radix-2.
+    # Longer rows: partner fetch for 6 or 5 stages, whichever leaves an even number for the radix-4 pairs
+    xor = -1 if p <= 256 else 6 - _log2(p) % 2
+    return TileConfig(elems=4096, warps=warps, mode=MODE_XOR, xor_stages=xor, unroll=m <= 64, mix_group=4)
+
+
+def default_config(rot) -> TileConfig:
+    """The launch configuration of the tile kernels for a rotation.
+
+    Chosen by H100 timings of ``bench/hadamard.py`` (8 x 2048 x dim bf16, MXINT4 blocks of 32, CUDA-graph GPU time
+    over quantize alone in the same run), with the SASS counts of ``bench/hadamard.py --sass`` (instructions per
+    element, sm_90, triton 3.6) as the guide where nothing was timed. Dim 576 is 19 MB in and 19 MB out, which stay
+    in the 50 MB L2 across calls: there the former radix-2 tile took 1.40x (33.5 instructions per element against
+    quantize alone's 22.5; 1.50x for blocks of 64, 36.2), where dim 4096, waiting on memory, took 1.00x.
+
+    Block-diagonal rotations (m == 1, p <= 256) take MODE_ROWS with at least two threads per row (p / 32 for longer
+    rows): 1 or 2 (p = 256: 3) stages fetch a partner across lanes, the rest are register additions, and a block of
+    32 is reduced within its pair of threads (~24.5 instructions per element with ``lean``). Measured, blocks of 32:
+    two threads holding alternate 16-byte vectors (``interleave``) 0.96x at dim 576 and at 4096; contiguous halves
+    1.04x (576); one thread per row 1.45x (576) and 1.42x (4096), although its SASS was the shortest (22.0: no
+    cross-lane stage at all; 1.15x with ``pair_cvt``): the instruction count stopped predicting the time there.
+    Blocks of 64: two threads with 32 contiguous elements each 1.13x (576) / 0.99x (4096), interleaved 1.17x, one
+    thread per row 2.25x (2 warps, 80 registers). Rows of 16, 128, 256 follow by analogy (not timed; SASS 24.8,
+    27.0, 29.0 instructions per element against 30.0, 38.5, 62.0 for the former tile).
+
+    Full power-of-two transforms (p >= 512): partner fetch in the first 6 stages (5 for odd log2 p), then radix-4
+    pairs. Measured at 4096: 1.08x with 6 (37.5 instructions), 1.17x with 7 (37.8), 1.25x with 5 (39.5, the former
+    default, 1.33x before ``lean`` and the one-fma partner fetch). The lengths not timed take the number that leaves
+    an even count of stages to the radix-4 pairs, which also gave the shortest SASS at 512 .. 8192 (e.g. 1024: 40.0
+    instructions with 6 against 54.2 with 5; 2048: 39.5 with 5 against 41.0 with 6).
+    After a known-order mixing (576 = 36 x 16) partner fetch throughout: 4.27x, where the m = 36 mixing alone is
+    35 fma per element kept in the reference's order (quantize alone runs ~22 instructions per element)."""
+    return _default_config(rot.m, rot.p)
+
+
+def _fmt_meta(spec: QuantSpec | None, bits: bool, lean_ok: bool) -> dict:
+    if spec is None:
+        return dict(QUANT=False, QB=1, FAMILY=0, WIDTH=0, MAN_BITS=0, EMAX=0, EMIN=0, MAX_NORMAL=0.0, LEVELS=0,
+                    FRAC_BITS=0, ROUNDING=0, SCALE_CEIL=False, STORE_EXACT=bits, LEAN=False)
+    c = format_constants(spec)
+    # _mxint_even_tile's shortcuts hold for MXINT, round-half-even, floor scale rule, EMAX >= 0
+    lean = lean_ok and c.family == FAM_MXINT and c.rounding == 0 and not c.scale_ceil and c.emax >= 0
+    return dict(QUANT=True, QB=spec.block_size, **c.element_kwargs(), STORE_EXACT=bits and bf16_exact(spec),
+                LEAN=lean)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tile_meta(m: int, p: int, spec: QuantSpec | None, cfg: TileConfig, dtype: torch.dtype, gpu: bool,
+               pairs: bool, rb_min: int):
+    log_p = _log2(p)
+    # whole quantization blocks per program: at least rb_min rows and QB / P rows (a block spanning rows)
+    t_min = max(rb_min, (spec.block_size // p) if spec is not None else 1)
+    bits = dtype == torch.bfloat16
+    kind = OUT_NATIVE if not bits else (OUT_BF16_HW2 if cfg.pair_cvt else OUT_BF16_HW) if gpu else OUT_BF16_BITS
+    common = dict(P=p, LOG_P=log_p, OUT_KIND=kind, enable_fp_fusion=False, **_fmt_meta(spec, bits, cfg.lean))
+    if cfg.mode == MODE_ROWS:
+        lanes = min(cfg.lanes, p)
+        if m != 1 or p // lanes > 256:
+            raise PtqError(f"MODE_ROWS handles rotations without a known-order factor (m = {m}; needs 1) and at most "
+                           f"256 elements per thread (p / lanes = {p // lanes}); use more lanes or another mode")
+        v = min(16 // dtype.itemsize, p // lanes)  # elements per 16-byte vector
+        t = max(triton.next_power_of_2(t_min), cfg.elems // p)
+        # bf16 input: int32 pairs where a vector holds whole pairs, else int16 patterns (a shift each)
+        in_kind = 0 if not bits else 2 if v % 2 == 0 and pairs else 1
+        # every thread must own a row part: more warps than T * lanes / 32 would split the parts themselves
+        warps = max(1, min(cfg.warps, t * lanes // 32))
+        return _rows_kernel, t, dict(T=t, L=lanes, V=v, ILV=cfg.interleave and lanes > 1, IN_KIND=in_kind,
+                                     num_warps=warps, **common)
+    g = 4 if m > 1 and cfg.mix_group == 4 and m % 4 == 0 else 1
+    t = max(triton.next_power_of_2(t_min), cfg.elems // p, g)
+    in_kind = 0 if not bits else 2 if p % 2 == 0 and pairs else 1
+    xor_log = 0 if cfg.mode != MODE_XOR else log_p if cfg.xor_stages < 0 else min(cfg.xor_stages, log_p)
+    return _rotate_kernel, t, dict(M=m, T=t, IN_KIND=in_kind, MODE=cfg.mode, XOR_LOG=xor_log, UNROLL=cfg.unroll,
+                                   G=g, num_warps=cfg.warps, **common)
 
 
 def tile_meta(rot, spec: QuantSpec | None, cfg: TileConfig, dtype: torch.dtype, gpu: bool,
-              pairs: bool = True, rb_min: int = 1) -> tuple[int, dict]:
-    """(rows per program ``T``, the constexprs and launch options of ``_rotate_kernel``) for one launch.
+              pairs: bool = True, rb_min: int = 1):
+    """(kernel, rows per program ``T``, its constexprs and launch options) for one launch; the dict is shared
+    (cached): do not modify it.
 
     ``gpu``: compiled for a CUDA device (hardware bf16 rounding) rather than interpreted; ``pairs``: the bf16 input
     may be read as int32 pairs (4-byte aligned). Separate from the launch so the exact kernel can also be compiled
     offline for inspection (e.g. ``triton.compile`` for sm_90 on a machine without a GPU)."""
-    m, p = rot.m, rot.p
-    log_p = _log2(p)
-    # whole quantization blocks per program: at least rb_min rows and QB / P rows (a block spanning rows)
-    t_min = max(rb_min, (spec.block_size // p) if spec is not None else 1)
-    g = 4 if m > 1 and cfg.mix_group == 4 and m % 4 == 0 else 1
-    t = max(triton.next_power_of_2(t_min), cfg.elems // p, g)
-    bits = dtype == torch.bfloat16
-    kind = OUT_NATIVE if not bits else OUT_BF16_HW if gpu else OUT_BF16_BITS
-    # bf16 input: int32 pairs where a row has an even length, else int16 patterns (a shift each)
-    in_kind = 0 if not bits else 2 if p % 2 == 0 and pairs else 1
-    if spec is not None:
-        c = format_constants(spec)
-        fmt = dict(QUANT=True, QB=spec.block_size, **c.element_kwargs(), STORE_EXACT=bits and bf16_exact(spec))
-    else:
-        fmt = dict(QUANT=False, QB=1, FAMILY=0, WIDTH=0, MAN_BITS=0, EMAX=0, EMIN=0, MAX_NORMAL=0.0, LEVELS=0,
-                   FRAC_BITS=0, ROUNDING=0, SCALE_CEIL=False, STORE_EXACT=bits)
-    xor_log = 0 if cfg.mode != MODE_XOR else log_p if cfg.xor_stages < 0 else min(cfg.xor_stages, log_p)
-    return t, dict(M=m, P=p, LOG_P=log_p, T=t, IN_KIND=in_kind, OUT_KIND=kind, MODE=cfg.mode, XOR_LOG=xor_log,
-                   UNROLL=cfg.unroll, G=g, num_warps=cfg.warps, enable_fp_fusion=False, **fmt)
+    return _tile_meta(rot.m, rot.p, spec, cfg, dtype, gpu, pairs, rb_min)
 
 
 def _launch_tile(x2: torch.Tensor, rot, inverse: bool, spec: QuantSpec | None, noise: torch.Tensor | None,
                  rb_min: int = 1, config: TileConfig | None = None) -> torch.Tensor:
-    """``_rotate_kernel`` over a contiguous [rows, n] view (n = the transform length)."""
+    """One tile kernel over a contiguous [rows, n] view (n = the transform length)."""
     rows = x2.shape[0]
     y2 = torch.empty_like(x2)
     if rows == 0:
         return y2
-    cfg = _env_config(config or default_config(rot))
-    t, meta = tile_meta(rot, spec, cfg, x2.dtype, _out_kind(x2) == OUT_BF16_HW, x2.data_ptr() % 4 == 0, rb_min)
+    cfg = config or _default_config(rot.m, rot.p)
+    kernel, t, meta = _tile_meta(rot.m, rot.p, spec, cfg, x2.dtype, _on_gpu(x2), x2.data_ptr() % 4 == 0, rb_min)
     in_kind = meta["IN_KIND"]
     x_arg = x2 if in_kind == 0 else x2.view(torch.int32) if in_kind == 2 else x2.view(torch.int16)
     y_arg = y2.view(torch.int16) if x2.dtype == torch.bfloat16 else y2
     n_flat = rows * rot.m
-    _rotate_kernel[(triton.cdiv(n_flat, t),)](
-        x_arg, _signs(rot, inverse, x2.device), y_arg, noise if noise is not None else x2, n_flat, rot.scale,
-        USE_I64=(n_flat + t) * rot.p >= 2**31 - 1, **meta)
+    u_arg = noise if noise is not None else x2
+    use_i64 = (n_flat + t) * rot.p >= 2**31 - 1
+    if kernel is _rows_kernel:
+        kernel[(triton.cdiv(n_flat, t),)](x_arg, y_arg, u_arg, n_flat, rot.scale, USE_I64=use_i64, **meta)
+    else:
+        kernel[(triton.cdiv(n_flat, t),)](x_arg, _signs(rot, inverse, x2.device), y_arg, u_arg, n_flat, rot.scale,
+                                          USE_I64=use_i64, **meta)
     return y2
 
 
@@ -425,8 +634,9 @@ def _rows_per_program(row_elems: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(max(1, _TILE_TARGET // row_elems)))
 
 
-def _launch_long(x2: torch.Tensor, rot, inverse: bool) -> torch.Tensor:
-    """Transform rows longer than one tile: mixing, then the butterflies in two passes over fp32 scratch."""
+def _launch_long(x2: torch.Tensor, rot, inverse: bool, radix2: bool) -> torch.Tensor:
+    """Transform rows longer than one tile: mixing, then the butterflies in two passes over fp32 scratch
+    (``radix2``: one stage at a time, else two)."""
     rows = x2.shape[0]
     m, p = rot.m, rot.p
     if m > 1:
@@ -447,7 +657,7 @@ def _launch_long(x2: torch.Tensor, rot, inverse: bool) -> torch.Tensor:
         rb = _rows_per_program(L)
         _butterfly_pass_kernel[(triton.cdiv(n_logical, rb),)](
             y, y, n_logical, C, rot.scale, L=L, LOG_L=_log2(L), RB=rb, APPLY_SCALE=k == len(passes) - 1,
-            MODE=MODE_RADIX4 if radix4() else MODE_RADIX2, num_warps=_warps(rb * L), enable_fp_fusion=False)
+            MODE=MODE_RADIX2 if radix2 else MODE_RADIX4, num_warps=_warps(rb * L), enable_fp_fusion=False)
     if p == 1:  # no butterflies ran: the single scale multiply happens here
         y = y * rot.scale
     return y.to(x2.dtype)
@@ -457,17 +667,18 @@ def _fits_tile(rot) -> bool:
     return rot.p <= MAX_TILE and triton.next_power_of_2(rot.m) * rot.p <= 4 * MAX_TILE
 
 
-def triton_rotate(x: torch.Tensor, rot, *, inverse: bool = False) -> torch.Tensor:
+def triton_rotate(x: torch.Tensor, rot, *, inverse: bool = False,
+                  config: TileConfig | None = None) -> torch.Tensor:
     """``rot(x)`` (or ``rot.inverse(x)``) with the Triton kernels; bit-identical to the torch reference.
 
     ``rot``: a ``ptq.modules.rotation.HadamardRotation`` (only ``size``, ``n``, ``m``, ``p``, ``scale`` and the
-    ``pm1`` buffer are read)."""
+    ``pm1`` buffer are read). ``config``: the launch configuration (default: ``default_config(rot)``)."""
     _check(x, rot)
     x2 = x.contiguous().view(-1, rot.n)
     if _fits_tile(rot):
-        y2 = _launch_tile(x2, rot, inverse, None, None)
+        y2 = _launch_tile(x2, rot, inverse, None, None, config=config)
     else:
-        y2 = _launch_long(x2, rot, inverse)
+        y2 = _launch_long(x2, rot, inverse, config is not None and config.mode == MODE_RADIX2)
     return y2.view(x.shape)
 
 
@@ -485,10 +696,11 @@ def fusable(x: torch.Tensor, rot, spec: QuantSpec) -> bool:
 
 
 def rotate_fake_quantize(x: torch.Tensor, rotation, spec: QuantSpec, *, noise: torch.Tensor | None = None,
-                         backend: str | None = None) -> torch.Tensor:
+                         backend: str | None = None, config: TileConfig | None = None) -> torch.Tensor:
     """``fake_quantize(rotation(x), spec)`` (bit for bit), in one Triton kernel where ``fusable``.
 
-    ``backend``: None/"auto" (Triton on CUDA, else torch), "torch" (the two reference steps), "triton"."""
+    ``backend``: None/"auto" (Triton on CUDA, else torch), "torch" (the two reference steps), "triton".
+    ``config``: the kernel's launch configuration (default: ``default_config(rotation)``)."""
     from ptq.quantizers import fake_quantize, resolve_backend
     from ptq.quantizers.reference import resolve_noise
 
@@ -501,12 +713,13 @@ def rotate_fake_quantize(x: torch.Tensor, rotation, spec: QuantSpec, *, noise: t
         raise PtqError(f"unknown backend {backend!r} for rotate_fake_quantize; use auto, torch or triton")
     _check(x, rotation)
     if not fusable(x, rotation, spec):
-        return fake_quantize(triton_rotate(x, rotation), spec, backend=resolve_backend(x, spec, None), noise=noise)
+        return fake_quantize(triton_rotate(x, rotation, config=config), spec, backend=resolve_backend(x, spec, None),
+                             noise=noise)
     noise = resolve_noise(x, spec, noise)  # validates a given noise tensor, draws the default one
     x2 = x.contiguous().view(-1, rotation.n)
     n2 = noise.contiguous().view(-1) if noise is not None else None
     rb_min = max(1, spec.block_size // (rotation.m * rotation.p)) if rotation.m == 1 else 1
-    return _launch_tile(x2, rotation, False, spec, n2, rb_min).view(x.shape)
+    return _launch_tile(x2, rotation, False, spec, n2, rb_min, config).view(x.shape)
 
 
 def _torch_rotate(x: torch.Tensor, rot) -> torch.Tensor:
