@@ -12,7 +12,12 @@ truncates, the GPU rounds to nearest even), a bf16 -> fp32 ``.to()`` (the interp
   a <= 2^22 (exact; callers saturate far below 2^22), half-away with ``floor`` and an exact remainder (``a + 0.5``
   rounds just below a half), truncation with ``floor``, stochastic as floor(a + u);
 - ``f32_to_bf16_bits`` rounds to nearest even with integer arithmetic on the bit pattern, and ``bf16_bits_to_f32``
-  widens bf16 by a shift.
+  widens bf16 by a shift;
+- ``div_exact`` is fl(a / d) for many ``a`` over one divisor ``d`` (a block's scale): a multiply and four fused
+  multiply-adds against a correctly rounded reciprocal computed once per divisor by ``divisor_consts``, instead of
+  one ``div_rn`` per element (a reciprocal, FCHK and a branch to a slow path, ~12 instructions that the compiler
+  cannot interleave across elements). ``fma_rn`` is the fused multiply-add it needs: ``tl.fma`` on the GPU; the
+  interpreter's ``tl.fma`` rounds the product first, so there it is emulated exactly in fp64.
 
 All of them are cheap integer / fp32 operations: the kernels are meant to run at memory speed, where the budget
 is a few dozen instructions per element.
@@ -25,6 +30,11 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton import knobs
+
+# ``triton.jit`` picks the interpreter at decoration time from the same knob, so this matches how every kernel here
+# runs.
+_INTERPRET = tl.constexpr(bool(knobs.runtime.interpret))
 
 ROUNDING_IDS: dict[str, int] = {"even": 0, "nearest": 1, "floor": 2, "stochastic": 3}
 
@@ -83,6 +93,13 @@ def round_magnitude(a, u, ROUNDING: tl.constexpr, BOUNDED: tl.constexpr = False)
 
 
 @triton.jit
+def round_even_signed(t):
+    """Round fp32 ``t`` with |t| <= 2^22 to an integer, ties to even, both signs at once (t + 1.5 * 2^23 stays in
+    the binade whose ulp is 1, and 1.5 * 2^23 is even). A zero result is +0, like an integer code."""
+    return (t + 12582912.0) - 12582912.0
+
+
+@triton.jit
 def copysign_bits(mag, x):
     """``mag`` (fp32 with a clear sign bit) with the sign bit of ``x`` (fp32): keeps -0.0 for negative inputs."""
     sign = x.to(tl.int32, bitcast=True) & -2147483648
@@ -132,6 +149,20 @@ def minifloat_round(a, u, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.c
 
 
 @triton.jit
+def minifloat_round_even(a, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+                         MAX_NORMAL: tl.constexpr):
+    """``minifloat_round(a, 0.0, ..., ROUNDING=0)`` in about half the instructions, for grids with
+    EMAX - MAN_BITS <= 103 (E2M1, E4M3, ...): with E the clamped exponent as there, (a + C) - C and
+    C = 1.5 * 2^(23 + E - MAN_BITS) round ``a`` to a multiple of the step 2^(E - MAN_BITS), ties to even (C's ulp
+    is the step and C / step is even), exactly while a < 2^(E + 1); above that E is EMAX + 1 and the sum only grows,
+    so the result saturates as it should. ``a >= 0``; NaN stays NaN (a / 0 for a = 0 is NaN in the reference too;
+    the GPU's plain min would return MAX_NORMAL)."""
+    eb = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) >> 23, EMIN + 127), EMAX + 128)
+    c = (((eb + (23 - MAN_BITS)) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return tl.minimum((a + c) - c, MAX_NORMAL, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def minifloat_code(q, negative, W: tl.constexpr, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr):
     """Bit pattern (int32) of a grid magnitude ``q`` (from ``minifloat_round``): sign | exponent | mantissa."""
     lg = floor_log2_normal(q)
@@ -144,3 +175,80 @@ def minifloat_code(q, negative, W: tl.constexpr, MAN_BITS: tl.constexpr, EMIN: t
     exp_field = tl.where(normal, e + BIAS, 0)
     mant = tl.where(normal, mant_units - (1 << MAN_BITS), mant_units)
     return (negative.to(tl.int32) << (W - 1)) | (exp_field << MAN_BITS) | mant
+
+
+@triton.jit
+def fma_rn(x, y, z):
+    """x * y + z (fp32) rounded once to nearest even, on the GPU and in the interpreter."""
+    if _INTERPRET:
+        return _fma_emulated(x, y, z)
+    else:
+        return tl.fma(x, y, z)
+
+
+@triton.jit
+def _fma_emulated(x, y, z):
+    """Interpreter-only exact fma. The fp32 product is exact in fp64 (48 bits); TwoSum gives the fp64 sum ``s`` and
+    its exact error; stepping ``s`` one fp64 ulp towards the error when its last bit is even rounds the exact sum to
+    odd, and rounding a 53-bit round-to-odd value to 24 bits is the same as rounding the exact value (>= 2 extra
+    bits; Boldo & Melquiond). Non-finite sums are left to fp64."""
+    p = x.to(tl.float64) * y.to(tl.float64)
+    z64 = z.to(tl.float64)
+    s = p + z64
+    pv = s - z64
+    err = (p - pv) + (z64 - (s - pv))
+    b = s.to(tl.int64, bitcast=True)
+    step = tl.where((err > 0) == (s > 0), b + 1, b - 1)  # one ulp larger / smaller in magnitude
+    fix = (err != 0) & ((b & 1) == 0) & (tl.abs(s) < float("inf"))
+    return tl.where(fix, step, b).to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def divisor_consts(d):
+    """Per-divisor constants ``(p, nds, r)`` of `div_exact` for divisors ``d >= 0`` (fp32, e.g. [BPP, 1] block
+    scales): p = 2^k with ds = d * p in [2^-22, 4) (exact: ds is normal), nds = -ds (negated here, once, because a
+    negation in the kernel costs an instruction per element), r = RN(1 / ds). ``d == 0`` gives ds = 0, r = inf.
+    ``d == inf`` (an overflowed scale) gives p = 0, ds = r = 1: quotients of finite a are then zeros, as a / inf."""
+    k = tl.maximum(127 - (d.to(tl.int32, bitcast=True) >> 23), -126)
+    finite = d < float("inf")
+    p = tl.where(finite, exp2i_normal(k), 0.0)
+    ds = tl.where(finite, d * p, 1.0)
+    return p, -ds, tl.math.div_rn(1.0, ds)
+
+
+@triton.jit
+def div_exact(a, p, nds, r, ZERO_DIVISOR: tl.constexpr = False):
+    """fl(a / d), the correctly rounded fp32 quotient, for d = ds / p with nds = -ds and r = RN(1 / ds).
+
+    With ``divisor_consts(d)`` (any d > 0; ds in [2^-22, 4)): exact wherever |q| >= 2^-80, and below that a value
+    under 2^-26 in magnitude (indistinguishable after any element rounding here: they all work in units >= 2^-1,
+    stochastic rounding adds u < 1 - 2^-24 first). Callers may also pass p = 1, ds = d directly when d lies in
+    [2^-75, 2^126): then r is a normal number, the quotient is exact wherever |q| >= 2^-28 and below that under
+    2^-26. Both need |q| < 2^100. ``ZERO_DIVISOR``: d may be 0 (ds = 0, r = inf), where a / 0 (+-inf, NaN for
+    a = 0) is returned, as a true division would. Finite ``a`` give finite results; non-finite ``a`` give garbage.
+
+    Why it is exact (q = a / d = a' / ds with a' = a p, exact unless a' underflows, and then q < 2^-126; m in [1, 2)
+    the mantissa of ds, 2^g <= ds < 2^(g+1); 2^e <= q < 2^(e+1), ulp = 2^(e-23)):
+    1. r = RN(1/ds) has ds r = 1 + eps, |eps| <= m 2^-25 (half an ulp of 1/ds, whose binade is 2^(-g-1)..2^-g).
+    2. y0 = RN(a' r) is within ~2 ulp of q; y1 = RN(y0 + e0 r) with e0 = RN(a' - y0 ds) is within ~2^-21 ulp of
+       q + (q - y0) eps, so y1 is a faithful rounding of q (RD(q) or RU(q)).
+    3. e1 = a' - y1 ds is computed exactly: it is ds (q - y1), |q - y1| < ulp, and both a' and y1 ds are multiples of
+       2^(e + g - 46), so e1 is that quantum times an integer below 2^24; the quantum is >= 2^-149 (no underflow)
+       when e + g >= -103, which the ranges above guarantee.
+    4. y2 = RN(y1 + e1 r) = RN(v), v = q + (q - y1) eps (Markstein's correction). If q is an fp32 number, y1 = q and
+       e1 = 0. Otherwise let mu be the midpoint of RD(q), RU(q): q != mu (a 24-bit a' is never ds times a 25-bit
+       mu), and a' - mu ds is a nonzero multiple of 2^(e + g - 47), so |q - mu| >= 2^(e-47) / m. For v to reach mu,
+       |q - mu| <= |q - y1| |eps| <= (2^(e-24) + |q - mu|) m 2^-25, i.e. 4 (1 - m 2^-25) <= m^2, false for
+       m <= 2 - 2^-23. So v rounds like q.
+    Where e + g < -103 (q < 2^-102 / ds), every step stays within a few ulp of q plus 2^-150 r absolute, which
+    bounds the result as stated. ``tests/test_kernels_division.py`` checks all this against torch's division on
+    random quotients and on adversarial ones within a few 2^(e-47) of fp32 midpoints (next to the integer and E2M1
+    rounding boundaries too), the cases where only an exact last step rounds right.
+    """
+    ap = a * p
+    y = ap * r
+    y1 = fma_rn(fma_rn(y, nds, ap), r, y)
+    q = fma_rn(fma_rn(y1, nds, ap), r, y1)
+    if ZERO_DIVISOR:
+        q = tl.where(nds < 0.0, q, y)  # y = a' * inf: a / 0 as a division gives it
+    return q

@@ -26,10 +26,14 @@ from ptq.kernels._triton_utils import (
     ROUNDING_IDS,
     bf16_bits_to_f32,
     copysign_bits,
+    div_exact,
+    divisor_consts,
     exp2i,
     f32_to_bf16_bits,
     floor_log2,
     minifloat_round,
+    minifloat_round_even,
+    round_even_signed,
     round_magnitude,
 )
 
@@ -47,6 +51,8 @@ EXACT_FP_OPTIONS: dict[str, bool] = {"enable_fp_fusion": False, "enable_reflect_
 
 # NVFP4 block scales are E4M3 numbers rounded to nearest even; their grid comes from a spec like any other.
 NV_SCALE_FORMAT = QuantSpec.mxfp("e4m3")
+# Global scales from here up take the fast element division (see `_nvfp4_tile`): all but tensors with amax < ~2^-54.6.
+NV_FAST_G = tl.constexpr(2.0 ** -66)
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,90 @@ def tile_stats(x, in_block, PAD_COLS: tl.constexpr):
 
 
 @triton.jit
+def _nvfp4_tile(x, ax, amax, u, g, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+                MAX_NORMAL: tl.constexpr, ROUNDING: tl.constexpr, S_MAN: tl.constexpr, S_EMIN: tl.constexpr,
+                S_EMAX: tl.constexpr, S_MAX: tl.constexpr):
+    """NVFP4 fake quantization of a tile (see `fake_quant_tile`)."""
+    # s = E4M3_rne(amax / (6 g)) as in `nvfp4_block_scale`, dividing by the tensor's 6 g with constants computed
+    # once per program instead of a div_rn per block
+    pg, ndg, rg = divisor_consts(MAX_NORMAL * g)
+    s = minifloat_round_even(div_exact(amax, pg, ndg, rg), S_MAN, S_EMIN, S_EMAX, S_MAX)
+    d = s * g
+    used = s > 0.0
+    if g >= NV_FAST_G:
+        # every used d = RN(s g) >= 2^-9 NV_FAST_G = 2^-75 and <= 448 * (fp32 max / 2688) < 2^126: div_exact is
+        # exact on d itself (no power-of-two prescale: one multiply less per element) for quotients >= 2^-28, and
+        # below that returns < 2^-26. Where s == 0, r = 0 makes the quotient +0 (the reference's signed zero comes from
+        # the copysign below).
+        a = div_exact(ax, 1.0, 0.0 - d, tl.where(used, tl.math.div_rn(1.0, d), 0.0))
+        q = _e2m1_round(a, u, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING)
+    else:
+        # tiny tensors: s * g may underflow to 0 (x / 0 there, as in the reference); where s == 0, p = r = 0 make
+        # the quotient 0 (a * p * r, not inf * 0 or 0 * inf)
+        p, nds, r = divisor_consts(d)
+        a = div_exact(ax, tl.where(used, p, 0.0), nds, tl.where(used, r, 0.0), True)
+        # 0 / 0 is NaN in the reference; the GPU's min inside the rounding would saturate it to MAX_NORMAL
+        q = tl.where(a == a, _e2m1_round(a, u, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING), a)
+    return copysign_bits((q * s) * g, x)
+
+
+@triton.jit
+def _e2m1_round(a, u, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, MAX_NORMAL: tl.constexpr,
+                ROUNDING: tl.constexpr):
+    if ROUNDING == 0:
+        q = minifloat_round_even(a, MAN_BITS, EMIN, EMAX, MAX_NORMAL)
+    else:
+        q = minifloat_round(a, u, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING)
+    return q
+
+
+@triton.jit
+def _int_sym_tile(x, ax, amax, u, LEVELS: tl.constexpr, ROUNDING: tl.constexpr):
+    """Symmetric per-group INT of a tile: scale = amax / LEVELS, codes round(x / scale) clamped to +-LEVELS."""
+    scale = tl.math.div_rn(amax, LEVELS * 1.0)
+    safe = tl.where(scale > 0.0, scale, 1.0)
+    p, nds, r = divisor_consts(safe)
+    # |x| / safe <= 2 LEVELS < 2^17 (|x| <= amax, and safe = 1 only where amax / LEVELS underflows to 0): the
+    # half-even rounding needs no cap
+    if ROUNDING == 0:
+        # signed rounding gives +0 for zero codes and n * scale keeps it (scale == 0 only where every |x| is
+        # below 2^-148, so n == 0 there too)
+        n = round_even_signed(div_exact(x, p, nds, r))
+        y = tl.minimum(tl.maximum(n, -LEVELS * 1.0), LEVELS * 1.0) * scale
+    else:
+        m = tl.minimum(round_magnitude(div_exact(ax, p, nds, r), u, ROUNDING, True), LEVELS)
+        # m * scale is zero exactly when m == 0 or scale == 0 (else m >= 1 and scale >= 2^-149); adding +0.0 turns
+        # the -0.0 a negative x gets there into the reference's +0 (integer zero has no sign) and changes nothing
+        # else: one add instead of a compare and a select per element
+        y = copysign_bits(m * scale, x) + 0.0
+    return y
+
+
+@triton.jit
+def _int_asym_tile(x, finite, u, LEVELS: tl.constexpr, ROUNDING: tl.constexpr):
+    """Asymmetric per-group INT of a tile: range [min(lo, 0), max(hi, 0)], scale = range / LEVELS,
+    zero = round(-lo / scale), codes clamp(round(x / scale) + zero, 0, LEVELS), values (code - zero) * scale."""
+    xf = tl.where(finite, x, 0.0)
+    lo = tl.minimum(tl.min(xf, axis=1), 0.0)[:, None]
+    hi = tl.maximum(tl.max(xf, axis=1), 0.0)[:, None]
+    scale = tl.math.div_rn(hi - lo, LEVELS * 1.0)
+    safe = tl.where(scale > 0.0, scale, 1.0)
+    p, nds, r = divisor_consts(safe)
+    zero = tl.where(scale > 0.0, round_magnitude(div_exact(0.0 - lo, p, nds, r), 0.0, 0), 0.0)
+    t = div_exact(x, p, nds, r)
+    if ROUNDING == 0:
+        # clamp(n + zero, 0, L) - zero == clamp(n, -zero, L - zero): integers, exact. Where scale == 0 every |x| is
+        # below 2^-148, so n == 0 == zero and the product is the reference's +0; 0 - zero is +0 for zero == 0.
+        n = round_even_signed(t)
+        y = tl.minimum(tl.maximum(n, 0.0 - zero), LEVELS - zero) * scale
+    else:
+        n = copysign_bits(round_magnitude(tl.abs(t), u, ROUNDING), t)
+        qc = tl.where(scale > 0.0, tl.minimum(tl.maximum(n + zero, 0.0), LEVELS * 1.0), zero)
+        y = (qc - zero) * scale
+    return y
+
+
+@triton.jit
 def fake_quant_tile(x, ax, amax, u, g,
                     FAMILY: tl.constexpr, WIDTH: tl.constexpr, MAN_BITS: tl.constexpr, EMAX: tl.constexpr,
                     EMIN: tl.constexpr, MAX_NORMAL: tl.constexpr, LEVELS: tl.constexpr, FRAC_BITS: tl.constexpr,
@@ -167,31 +257,11 @@ def fake_quant_tile(x, ax, amax, u, g,
         m = tl.minimum(round_magnitude(units, u, ROUNDING), LEVELS)
         y = copysign_bits((m * exp2i(max_exp - (WIDTH - 2))) * tl.where(prime, 0.5, 1.0), x)  # exact products
     elif FAMILY == 3:  # nvfp4: E4M3 block scale s of amax / (max_elem g), E2M1 elements of x / (s g), (q s) g
-        s = nvfp4_block_scale(amax, g, MAX_NORMAL, S_MAN, S_EMIN, S_EMAX, S_MAX)
-        a = tl.math.div_rn(ax, s * g)
-        q = minifloat_round(a, u, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING)
-        y = copysign_bits(tl.where(s > 0.0, (q * s) * g, 0.0), x)
-    elif FAMILY == 4:  # int symmetric: scale = amax / LEVELS
-        scale = tl.math.div_rn(amax, LEVELS * 1.0)
-        safe = tl.where(scale > 0.0, scale, 1.0)
-        # |x| / safe <= 2 LEVELS < 2^17 (|x| <= amax, and safe = 1 only where amax / LEVELS underflows to 0): the
-        # half-even rounding needs no cap
-        m = tl.minimum(round_magnitude(tl.math.div_rn(ax, safe), u, ROUNDING, True), LEVELS)
-        # m * scale is zero exactly when m == 0 or scale == 0 (else m >= 1 and scale >= 2^-149); adding +0.0 turns
-        # the -0.0 a negative x gets there into the reference's +0 (integer zero has no sign) and changes nothing
-        # else: one add instead of a compare and a select per element
-        y = copysign_bits(m * scale, x) + 0.0
-    else:  # int asymmetric: range [min(lo, 0), max(hi, 0)], scale = range / LEVELS, zero = round(-lo / scale)
-        xf = tl.where(finite, x, 0.0)
-        lo = tl.minimum(tl.min(xf, axis=1), 0.0)[:, None]
-        hi = tl.maximum(tl.max(xf, axis=1), 0.0)[:, None]
-        scale = tl.math.div_rn(hi - lo, LEVELS * 1.0)
-        safe = tl.where(scale > 0.0, scale, 1.0)
-        zero = tl.where(scale > 0.0, round_magnitude(tl.math.div_rn(-lo, safe), 0.0, 0), 0.0)
-        t = tl.math.div_rn(x, safe)
-        n = copysign_bits(round_magnitude(tl.abs(t), u, ROUNDING), t)
-        qc = tl.where(scale > 0.0, tl.minimum(tl.maximum(n + zero, 0.0), LEVELS * 1.0), zero)
-        y = (qc - zero) * scale
+        y = _nvfp4_tile(x, ax, amax, u, g, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING, S_MAN, S_EMIN, S_EMAX, S_MAX)
+    elif FAMILY == 4:
+        y = _int_sym_tile(x, ax, amax, u, LEVELS, ROUNDING)
+    else:
+        y = _int_asym_tile(x, finite, u, LEVELS, ROUNDING)
     return tl.where(finite, y, x)
 
 
@@ -251,19 +321,25 @@ def _fake_quant_kernel(x_ptr, y_ptr, noise_ptr, g_ptr, total_blocks, L, NB,
 
 
 @triton.jit
-def _finite_amax_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr, IN_BF16: tl.constexpr, USE_I64: tl.constexpr):
-    """out[pid] = max |x| over the finite elements of this program's chunk (0 when none)."""
+def _finite_amax_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, IN_BF16: tl.constexpr,
+                        USE_I64: tl.constexpr):
+    """out[pid] = max |x| over the finite elements of this program's CHUNKS * BLOCK elements (0 when none). The
+    chunks are unrolled so that all their loads are in flight before the first maximum."""
     pid = tl.program_id(0)
     if USE_I64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        base = pid.to(tl.int64) * (BLOCK * CHUNKS)
     else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    if IN_BF16:
-        x = bf16_bits_to_f32(tl.load(x_ptr + offs, mask=offs < N, other=0))
-    else:
-        x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
-    a = tl.abs(x)
-    tl.store(out_ptr + pid, tl.max(tl.where(a < float("inf"), a, 0.0), axis=0))
+        base = pid * (BLOCK * CHUNKS)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for c in tl.static_range(CHUNKS):
+        offs = base + c * BLOCK + tl.arange(0, BLOCK)
+        if IN_BF16:
+            x = bf16_bits_to_f32(tl.load(x_ptr + offs, mask=offs < N, other=0))
+        else:
+            x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        acc = tl.maximum(acc, tl.where(a < float("inf"), a, 0.0))
+    tl.store(out_ptr + pid, tl.max(acc, axis=0))
 
 
 @triton.jit
@@ -281,9 +357,12 @@ def _global_scale_kernel(partial_ptr, g_ptr, P, DIVISOR: tl.constexpr, BLOCK: tl
     tl.store(g_ptr, tl.where(g > 0.0, g, 1.0))
 
 
-# Elements per program of the amax pass: 32 per thread in 8 warps (four 16-byte loads of bf16 in flight).
-_AMAX_CHUNK = 8192
-_FINAL_TILE = 1024  # partial maxima per iteration of the one-program finalize
+# The amax pass: each program reduces _AMAX_CHUNKS chunks of _AMAX_BLOCK elements in _AMAX_WARPS warps (a chunk
+# of 8192 bf16 in 8 warps is four 16-byte loads per thread); the finalize reads the partial maxima _FINAL_TILE at a
+# time in one program. On an H100 (256 MiB bf16) 4 chunks and a 4096 tile measured 0.094 ms against 0.097 ms for
+# 1 chunk and a 1024 tile (a read at copy speed: 0.090 ms); bench/kernels.py times the two passes separately.
+_AMAX_BLOCK, _AMAX_CHUNKS, _AMAX_WARPS = 8192, 4, 8
+_FINAL_TILE, _FINAL_WARPS = 4096, 8
 
 
 def nvfp4_global_scale_fast(x: torch.Tensor) -> torch.Tensor:
@@ -302,15 +381,17 @@ def nvfp4_global_scale_fast(x: torch.Tensor) -> torch.Tensor:
     n = flat.numel()
     if n == 0:  # no finite element: amax 0, g = 1 (and an empty CUDA tensor may have no pointer to pass)
         return torch.ones(1, dtype=torch.float32, device=x.device)
-    grid = triton.cdiv(n, _AMAX_CHUNK)
+    per = _AMAX_BLOCK * _AMAX_CHUNKS
+    grid = triton.cdiv(n, per)
     partial = torch.empty(grid, dtype=torch.float32, device=x.device)
     g = torch.empty(1, dtype=torch.float32, device=x.device)  # its own storage: callers keep and export it
     bits = flat.dtype == torch.bfloat16
-    _finite_amax_kernel[(grid,)](flat.view(torch.int16) if bits else flat, partial, n, BLOCK=_AMAX_CHUNK, IN_BF16=bits,
-                                 USE_I64=n + _AMAX_CHUNK >= 2**31 - 1, num_warps=8, **EXACT_FP_OPTIONS)
+    _finite_amax_kernel[(grid,)](flat.view(torch.int16) if bits else flat, partial, n, BLOCK=_AMAX_BLOCK,
+                                 CHUNKS=_AMAX_CHUNKS, IN_BF16=bits, USE_I64=n + per >= 2**31 - 1,
+                                 num_warps=_AMAX_WARPS, **EXACT_FP_OPTIONS)
     niter = 1 << (triton.cdiv(grid, _FINAL_TILE) - 1).bit_length()
     _global_scale_kernel[(1,)](partial, g, grid, DIVISOR=float(E4M3_MAX * E2M1_MAX), BLOCK=_FINAL_TILE, NITER=niter,
-                               num_warps=4, **EXACT_FP_OPTIONS)
+                               num_warps=_FINAL_WARPS, **EXACT_FP_OPTIONS)
     return g
 
 
@@ -342,6 +423,10 @@ def check_input(x: torch.Tensor, spec: QuantSpec) -> int:
 # Elements per program and warps: 4096 elements in 8 warps is 16 per thread, i.e. two 16-byte loads of bf16 in
 # flight per thread, and few enough programs that launch overhead vanishes. ``bench/kernels.py`` sweeps others.
 DEFAULT_TILE: tuple[int, int] = (4096, 8)
+# Families with more work per element or per block run faster with fewer elements per thread (more warps in flight
+# to cover the latency of their longer dependency chains): on an H100 (8x2048x8192 bf16) int4 g128 at (2048, 4) ran
+# 2-3% and nvfp4 at (2048, 8) 18% faster than at DEFAULT_TILE (0.216 against 0.263 ms for the quantize pass).
+FAMILY_TILES: dict[str, tuple[int, int]] = {"int": (2048, 4), "nvfp4": (2048, 8)}
 
 
 @functools.lru_cache(maxsize=256)
@@ -371,7 +456,7 @@ def fake_quantize_2d(x2: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | No
     """Run the template on a contiguous [rows, L] tensor blocked along its last dim.
 
     ``noise``: [rows, padded L] fp32 (stochastic rounding), ``global_scale``: 1-element fp32 (NVFP4),
-    ``tile``: (elements per program, num_warps), default ``DEFAULT_TILE``."""
+    ``tile``: (elements per program, num_warps), default ``FAMILY_TILES`` or ``DEFAULT_TILE``."""
     rows, L = x2.shape
     y2 = torch.empty_like(x2)
     launch_fake_quantize(x2, y2, rows, L, spec, noise, global_scale, tile)
@@ -391,6 +476,8 @@ class _LaunchConstants:
 @functools.lru_cache(maxsize=256)
 def _launch_constants(spec: QuantSpec, tile: tuple[int, int] | None) -> _LaunchConstants:
     c = format_constants(spec)
+    if tile is None and c.block <= FAMILY_TILES.get(spec.family, (0, 0))[0]:  # not for blocks above the tile
+        tile = FAMILY_TILES[spec.family]
     block_p2, bpp, warps = tile_config(c.block, tile)
     kwargs = dict(
         **c.element_kwargs(), BLOCK=c.block, BLOCK_P2=block_p2, BPP=bpp, BF16_EXACT=bf16_exact(spec), S_MAN=c.s_man, S_EMIN=c.s_emin,
