@@ -7,7 +7,9 @@ median over >= 20 timed batches of 5 back-to-back runs (CUDA events, warm-up fir
 bandwidth (bytes read + written, each tensor counted once), that bandwidth as a % of a device-to-device copy
 (``y.copy_(x)`` on the same bytes) measured in the same run, the same % with every pass's bytes counted (NVFP4 reads
 x twice: its global amax pass, then the quantize pass; 2 reads + 1 write), and the speed-up over the torch
-reference, eager and under ``torch.compile``. For NVFP4 the two passes are also timed on their own. Every kernel
+reference, eager and under ``torch.compile`` (timed whether or not the compiled code reproduces the reference bit for
+bit; a column says which: Inductor may turn a division into a reciprocal multiply). For NVFP4 the two passes are also
+timed on their own. Every kernel
 output is first checked bit for bit against the reference (output memory poisoned first). Tables are printed in
 Markdown as they complete, so a run cut short still reports.
 
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
     title = f"fake quantize, {'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} " \
             f"({x.numel() * x.element_size() / 2**20:.0f} MiB in); copy {t_copy:.3f} ms = {copy_gbs:.0f} GB/s"
     rep.table(title, ["format", "bit-exact", "triton ms", "GB/s", "% of copy", "% of copy, all passes", "eager ms",
-                      "x eager", "compiled ms", "x compiled"])
+                      "x eager", "compiled ms", "x compiled", "compiled bit-exact"])
     for name, spec in families.items():
         ref = reference_fake_quantize(x, spec)
         out = poisoned_call(lambda: K.triton_fake_quantize(x, spec), x)
@@ -209,12 +211,13 @@ def main(argv=None) -> int:
         del out, ref
         t_tri = timer(lambda: K.triton_fake_quantize(x, spec))
         t_eager = timer(lambda: reference_fake_quantize(x, spec))
-        t_comp = None
+        t_comp, comp_exact = None, None
         if not args.no_compile and time.time() - t0 < args.budget_s:
             try:
                 comp = torch.compile(lambda t, s=spec: reference_fake_quantize(t, s), dynamic=False)
                 cref = comp(x)
-                t_comp = timer(lambda: comp(x)) if bits_equal(cref, reference_fake_quantize(x, spec)) else None
+                comp_exact = bits_equal(cref, reference_fake_quantize(x, spec))
+                t_comp = timer(lambda: comp(x))
                 del cref
             except Exception as exc:  # report, keep benchmarking the rest
                 print(f"<!-- torch.compile failed for {name}: {type(exc).__name__}: {str(exc)[:200]} -->")
@@ -222,7 +225,8 @@ def main(argv=None) -> int:
         all_pass = gbs * pass_bytes(spec)
         rep.row(title, [name, "yes" if exact else "NO", fmt(t_tri), f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.1f}",
                         f"{100 * all_pass / copy_gbs:.1f}", fmt(t_eager), f"{t_eager / t_tri:.1f}", fmt(t_comp),
-                        fmt(t_comp / t_tri if t_comp else None, ".2f")])
+                        fmt(t_comp / t_tri if t_comp else None, ".2f"),
+                        "n/a" if comp_exact is None else ("yes" if comp_exact else "no")])
         torch.compiler.reset()
     if "nvfp4" in families:
         nvfp4_passes(rep, timer, x, families["nvfp4"], t_copy)

@@ -102,6 +102,18 @@ def _patched(wrap):
             setattr(masking_utils, name, original)
 
 
+def _release_rng_from_capture(device: torch.device) -> None:
+    """Put the device's default random generator back into normal mode after a failed capture.
+
+    A capture that fails ends without its epilogue, which leaves the generator believing it is still being
+    captured: every later random op on that device then raises "Offset increment outside graph capture". A fresh
+    copy of its state (same seed and offset) is not in capture mode.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    gen = torch.cuda.default_generators[index]
+    gen.graphsafe_set_state(gen.clone_state())
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -169,6 +181,7 @@ class GraphedForward:
                 logits = call_logits(self.model, static_ids)
         except Exception as err:  # noqa: BLE001 - any capture failure means: run this shape eagerly
             torch.cuda.synchronize(ids.device)
+            _release_rng_from_capture(ids.device)
             warnings.warn(
                 f"ptq: could not capture a CUDA graph of {type(self.model).__name__}'s forward for input shape "
                 f"{tuple(ids.shape)} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "

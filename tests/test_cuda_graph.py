@@ -104,3 +104,8 @@ def test_capture_failure_falls_back_to_eager_with_a_warning(stories260k_path):
         assert torch.equal(got, call_logits(model, ids))
         assert fwd.n_graphs == 0
         assert torch.equal(fwd(ids), call_logits(model, ids))  # no second attempt, no second warning
+    # the failed capture left the device's random generator usable, with its seed and sequence intact
+    torch.cuda.manual_seed(3)
+    a = torch.randn(8, device="cuda")
+    torch.cuda.manual_seed(3)
+    assert torch.equal(a, torch.randn(8, device="cuda"))
