@@ -461,8 +461,12 @@ def assert_fake_quant(x: torch.Tensor, spec: QuantSpec, context: str) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("name", list(BOUNDARY_SPECS))
 def test_fake_quant_at_rounding_boundaries(name, dtype):
+    check_boundary_blocks(name, dtype, 48)
+
+
+def check_boundary_blocks(name, dtype, n_blocks):
     seed, gen = fresh_generator()
-    x = boundary_input(name, dtype, gen, 48)
+    x = boundary_input(name, dtype, gen, n_blocks)
     assert_fake_quant(x, BOUNDARY_SPECS[name], f"{name} {dtype} seed={seed}")
 
 
@@ -497,9 +501,7 @@ def test_boundary_inputs_hit_ties():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("name", list(BOUNDARY_SPECS))
 def test_gpu_fake_quant_at_rounding_boundaries(name, dtype):
-    seed, gen = fresh_generator()
-    x = boundary_input(name, dtype, gen, 20000)
-    assert_fake_quant(x, BOUNDARY_SPECS[name], f"{name} {dtype} seed={seed}")
+    check_boundary_blocks(name, dtype, 20000)
 
 
 # ---- NVFP4's amax pass -----------------------------------------------------------------------------------------------
