@@ -120,8 +120,10 @@ def mx_block_exponent(amax, EMAX: tl.constexpr, MAX_NORMAL: tl.constexpr, SCALE_
 def nvfp4_block_scale(amax, g, MAX_ELEM: tl.constexpr, S_MAN: tl.constexpr, S_EMIN: tl.constexpr,
                       S_EMAX: tl.constexpr, S_MAX: tl.constexpr):
     """Decoded block scale s = E4M3_rne(amax / (MAX_ELEM * g)): MAX_ELEM = 6 (the E2M1 maximum), S_* the E4M3
-    grid (``FormatConstants.s_*``), rounded to nearest even."""
-    return minifloat_round(tl.math.div_rn(amax, MAX_ELEM * g), 0.0, S_MAN, S_EMIN, S_EMAX, S_MAX, 0)
+    grid (``FormatConstants.s_*``), rounded to nearest even. The division by the tensor-wide MAX_ELEM * g uses
+    `div_exact` with its constants computed once per call (g is a scalar) instead of a div_rn per block."""
+    p, nd, r = divisor_consts(MAX_ELEM * g)
+    return minifloat_round_even(div_exact(amax, p, nd, r), S_MAN, S_EMIN, S_EMAX, S_MAX)
 
 
 @triton.jit
@@ -143,10 +145,7 @@ def _nvfp4_tile(x, ax, amax, u, g, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, E
                 MAX_NORMAL: tl.constexpr, ROUNDING: tl.constexpr, S_MAN: tl.constexpr, S_EMIN: tl.constexpr,
                 S_EMAX: tl.constexpr, S_MAX: tl.constexpr):
     """NVFP4 fake quantization of a tile (see `fake_quant_tile`)."""
-    # s = E4M3_rne(amax / (6 g)) as in `nvfp4_block_scale`, dividing by the tensor's 6 g with constants computed
-    # once per program instead of a div_rn per block
-    pg, ndg, rg = divisor_consts(MAX_NORMAL * g)
-    s = minifloat_round_even(div_exact(amax, pg, ndg, rg), S_MAN, S_EMIN, S_EMAX, S_MAX)
+    s = nvfp4_block_scale(amax, g, MAX_NORMAL, S_MAN, S_EMIN, S_EMAX, S_MAX)
     d = s * g
     used = s > 0.0
     if g >= NV_FAST_G:
