@@ -32,9 +32,10 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-# ``triton.jit`` picks the interpreter at decoration time from the same knob, so this matches how every kernel here
-# runs.
-_INTERPRET = tl.constexpr(bool(knobs.runtime.interpret))
+# ``triton.jit`` picks the interpreter at decoration time (import) from this knob, so this is how every kernel here
+# runs: the one place the kernel modules read it (as a Python bool for launch decisions, a constexpr in kernels).
+INTERPRETED: bool = bool(knobs.runtime.interpret)
+_INTERPRET = tl.constexpr(INTERPRETED)
 
 ROUNDING_IDS: dict[str, int] = {"even": 0, "nearest": 1, "floor": 2, "stochastic": 3}
 

@@ -32,7 +32,6 @@ shorter form of ``mx_quant.fake_quant_tile`` with the same bits (its docstring s
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,7 +40,7 @@ import triton.language as tl
 
 from ptq.errors import PtqError
 from ptq.formats import QuantSpec
-from ptq.kernels._triton_utils import bf16_bits_to_f32, exp2i, f32_to_bf16_bits
+from ptq.kernels._triton_utils import INTERPRETED, bf16_bits_to_f32, exp2i, f32_to_bf16_bits
 from ptq.kernels.mx_quant import (FAM_MXINT, bf16_exact, fake_quant_tile, format_constants, mx_block_exponent,
                                   tile_stats)
 
@@ -427,13 +426,9 @@ def _signs(rot, inverse: bool, device) -> torch.Tensor:
     return (s.T if inverse else s).contiguous()
 
 
-# Triton picks the interpreter when a kernel is decorated, i.e. at import: read the switch once, not per launch
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _on_gpu(x: torch.Tensor) -> bool:
     """Compiled for the CUDA device rather than interpreted (hardware bf16 rounding allowed)."""
-    return x.is_cuda and not _INTERPRETED
+    return x.is_cuda and not INTERPRETED
 
 
 def _check(x: torch.Tensor, rot) -> None:

@@ -13,7 +13,6 @@ statistics and written back unchanged (bit for bit), so one bad value never eras
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ import triton.language as tl
 from ptq.errors import QuantSpecError
 from ptq.formats import QuantSpec
 from ptq.kernels._triton_utils import (
+    INTERPRETED,
     ROUNDING_IDS,
     bf16_bits_to_f32,
     copysign_bits,
@@ -490,7 +490,7 @@ def _out_kind(x: torch.Tensor, bits: bool, k: _LaunchConstants) -> int:
     already a bf16 number (a shift) or under the interpreter (whose cast truncates)."""
     if not bits:
         return OUT_NATIVE
-    if k.kwargs["BF16_EXACT"] or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if k.kwargs["BF16_EXACT"] or not x.is_cuda or INTERPRETED:
         return OUT_BF16_BITS
     return OUT_BF16_HW
 
