@@ -189,7 +189,3 @@ class GraphedForward:
                 "attempt.", stacklevel=3)
             return None
         return _Captured(graph, static_ids, logits)
-
-    def release(self) -> None:
-        """Free every captured graph and its memory pool."""
-        self._graphs.clear()

@@ -70,9 +70,11 @@ MIN_BATCHES_FOR_GRAPH = 4
 
 
 def _logit_fn(model: torch.nn.Module, device: torch.device, n_full_batches: int, cuda_graph: bool):
-    """``ids -> logits`` for ``model``: replayed from CUDA graphs (see ``ptq.cuda_graph``) where that pays off."""
+    """``ids -> logits`` for ``model``: the full batches (the first shape seen) replayed from a CUDA graph (see
+    ``ptq.cuda_graph``) where that pays off; a last partial batch runs eagerly rather than being captured for one
+    use."""
     if cuda_graph and device.type == "cuda" and n_full_batches >= MIN_BATCHES_FOR_GRAPH:
-        return GraphedForward(model)
+        return GraphedForward(model, max_graphs=1)
     return lambda ids: call_logits(model, ids)
 
 
