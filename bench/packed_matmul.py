@@ -69,14 +69,12 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _bench_graph(fn, reps: int = 100) -> float:
-    """Median milliseconds of one CUDA-graph replay of ``fn`` after an L2 flush (GPU time, no launcher overhead);
-    NaN when ``fn`` cannot be captured (e.g. it synchronises with the device)."""
-    if not torch.cuda.is_available():
-        return _bench(fn)
+def _capture(fn):
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first, as capture requires), or None with the
+    reason printed when it cannot be captured (e.g. it synchronises with the device)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+    with torch.cuda.stream(side):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(side)
@@ -86,6 +84,21 @@ def _bench_graph(fn, reps: int = 100) -> float:
             fn()
     except Exception as exc:  # a capture failure is a finding, not a crash of the whole table
         print(f"    (CUDA graph capture failed: {type(exc).__name__}: {exc})", flush=True)
+        return None
+    return graph
+
+
+def _bench_graph(fn, reps: int = 100) -> float:
+    """Median milliseconds of one CUDA-graph replay of ``fn`` after an L2 flush (GPU time, no launcher overhead);
+    NaN when ``fn`` cannot be captured (e.g. it synchronises with the device).
+
+    The flush is triton's: writing 256 MiB of zeros. It leaves the L2 full of dirty lines, so the timed replay's
+    reads also pay for writing those back (up to the L2 size, 50-60 MB, at HBM speed): a fixed cost that
+    `_bench_layers` (the decode-step timing) does not have."""
+    if not torch.cuda.is_available():
+        return _bench(fn)
+    graph = _capture(fn)
+    if graph is None:
         return float("nan")
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -97,6 +110,35 @@ def _bench_graph(fn, reps: int = 100) -> float:
         ends[i].record()
     torch.cuda.synchronize()
     return float(torch.tensor([a.elapsed_time(b) for a, b in zip(starts, ends)]).median())
+
+
+def _layer_copies(tensors: tuple[torch.Tensor, ...], most: int = 1024) -> list[tuple[torch.Tensor, ...]]:
+    """Distinct copies of ``tensors`` (one layer's weight) whose bytes together are at least 4x the L2 cache, so a
+    graph that reads them in turn finds none of them in the L2 (at most ``most`` copies: the small shapes)."""
+    l2 = torch.cuda.get_device_properties(tensors[0].device).L2_cache_size if torch.cuda.is_available() else 0
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    count = max(2, min(most, -(-4 * l2 // nbytes)))
+    return [tuple(t.clone() for t in tensors) for _ in range(count)]
+
+
+def _bench_layers(fns, reps: int = 20) -> float:
+    """Median milliseconds per call of one CUDA graph that runs ``fns`` back to back, each over its own copy of
+    the weight: a decode step's sequence of layers. The copies together are larger than the L2, so each call reads
+    its weight from HBM (as every layer of a real decode step does) without a flush between calls, and the launch
+    gaps are those of a captured decode step."""
+    if not torch.cuda.is_available():
+        return _bench(fns[0])
+    graph = _capture(lambda: [f() for f in fns])
+    if graph is None:
+        return float("nan")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        graph.replay()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return float(torch.tensor([a.elapsed_time(b) for a, b in zip(starts, ends)]).median()) / len(fns)
 
 
 def _host_us(fn, calls: int = 200) -> float:
@@ -133,12 +175,8 @@ def _stream_kernel():
 _STREAM = None
 
 
-def _read_floor_graph(tensors, reps: int = 100) -> float:
-    """GPU milliseconds (CUDA graph, L2 flushed) of a Triton kernel that only streams ``tensors`` (the packed codes
-    and scales) once from memory: what any kernel that must read those bytes pays, launch and ramp-up included, at
-    this size. A packed GEMM's speed-up over bf16 cannot exceed bf16 time / this."""
-    if not torch.cuda.is_available():
-        return float("nan")
+def _stream_reads(tensors):
+    """A callable that streams ``tensors`` once with the bare read kernel."""
     import triton
 
     _stream = _stream_kernel()
@@ -151,7 +189,16 @@ def _read_floor_graph(tensors, reps: int = 100) -> float:
         for w, o in zip(words, outs):
             _stream[(o.numel(),)](w, o, w.numel(), BLOCK=block, num_warps=4)
 
-    return _bench_graph(run, reps)
+    return run
+
+
+def _read_floor_graph(tensors, reps: int = 100) -> float:
+    """GPU milliseconds (CUDA graph, L2 flushed) of a Triton kernel that only streams ``tensors`` (the packed codes
+    and scales) once from memory: what any kernel that must read those bytes pays, launch and ramp-up included, at
+    this size. A packed GEMM's speed-up over bf16 cannot exceed bf16 time / this."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    return _bench_graph(_stream_reads(tensors), reps)
 
 
 PATHS = {"old": "tile", "new": "auto"}  # --path: the tile kernel at every M, or the decode kernel at M <= 16
@@ -189,10 +236,16 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
         packed = {f: PackedLinear.from_weight(w, specs[f]) for f in formats}
         codes = {f: max_scale_code(packed[f].scales) for f in formats}  # once per weight: one sync, untimed
         floors = {f: _read_floor_graph([packed[f].qweight, packed[f].scales]) for f in formats}
+        # decode-step timing: distinct weight copies read back to back (see _bench_layers)
+        w_layers = _layer_copies((w,))
+        p_layers = {f: _layer_copies((packed[f].qweight, packed[f].scales)) for f in formats}
+        floor_layers = {f: _bench_layers([_stream_reads(c) for c in p_layers[f]]) if dev.type == "cuda"
+                        else float("nan") for f in formats}
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             t_bf16 = _bench(lambda: F.linear(x, w))
             g_bf16 = _bench_graph(lambda: F.linear(x, w))
+            s_bf16 = _bench_layers([lambda c=c: F.linear(x, c[0]) for c in w_layers])
             for f, path in [(f, pth) for f in formats for pth in paths]:
                 p = packed[f]
                 mode = PATHS[path]
@@ -221,6 +274,9 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
                 ok = bool(torch.isfinite(y).all()) and rel < 1e-2 and torch.equal(y, y2)
                 t_tri = _bench(run)
                 g_tri = _bench_graph(run)
+                s_tri = _bench_layers([
+                    lambda c=c: packed_matmul(x, c[0], c[1], p.weight_spec, n, global_scale=g, max_scale_code=code,
+                                              path=mode) for c in p_layers[f]])
                 host = _host_us(run)
                 t_torch = float("nan")
                 if torch_backend:
@@ -233,11 +289,16 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
                                  speedup=t_bf16 / t_tri, torch_speedup=t_bf16 / t_torch, bf16_graph_ms=g_bf16,
                                  triton_graph_ms=g_tri, graph_speedup=g_bf16 / g_tri, host_us=host,
                                  floor_ms=floors[f], floor_speedup=g_bf16 / floors[f],
+                                 bf16_step_ms=s_bf16, triton_step_ms=s_tri, step_speedup=s_bf16 / s_tri,
+                                 floor_step_ms=floor_layers[f], floor_step_speedup=s_bf16 / floor_layers[f],
+                                 copies=f"{len(w_layers)}/{len(p_layers[f])}",
                                  gbps=(wbytes + x.numel() * 2 + m * n * 2) / t_tri / 1e6, rel_err=rel, ok=ok,
                                  tune_s=tune_s, config=cfg, top=tops))
                 print(f"  {name:24s} M={m:5d} {f:6s} {path:3s} bf16 {t_bf16*1e3:8.1f}us  triton {t_tri*1e3:8.1f}us "
                       f"({t_bf16 / t_tri:5.2f}x)  graph: bf16 {g_bf16*1e3:7.1f}us triton {g_tri*1e3:7.1f}us "
-                      f"({g_bf16 / g_tri:5.2f}x; read floor {floors[f]*1e3:.1f}us = {g_bf16 / floors[f]:.2f}x)  host {host:5.1f}us/call  rel_err {rel:.1e} {'ok' if ok else 'FAIL'}  [{cfg}] tune {tune_s:.0f}s",
+                      f"({g_bf16 / g_tri:5.2f}x; read floor {floors[f]*1e3:.1f}us = {g_bf16 / floors[f]:.2f}x)  "
+                      f"step: bf16 {s_bf16*1e3:7.1f}us triton {s_tri*1e3:7.1f}us ({s_bf16 / s_tri:5.2f}x; floor "
+                      f"{floor_layers[f]*1e3:.1f}us = {s_bf16 / floor_layers[f]:.2f}x)  host {host:5.1f}us/call  rel_err {rel:.1e} {'ok' if ok else 'FAIL'}  [{cfg}] tune {tune_s:.0f}s",
                       flush=True)
                 if tops:
                     print(f"      fastest configs (us): {tops}", flush=True)
@@ -249,16 +310,20 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
 
 def print_table(rows: list[dict]) -> None:
     print("\n| shape | M | format | path | bf16 F.linear (us) | packed Triton (us) | speed-up | graph: bf16 / Triton (us) | "
-          "graph speed-up | read floor (us) / its speed-up | launcher host us/call | weight+io GB/s | torch dequant+linear (us) | rel err | ok | config |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "graph speed-up | read floor (us) / its speed-up | decode step: bf16 / Triton (us) | decode-step speed-up | "
+          "step read floor (us) / its speed-up | copies bf16/packed | launcher host us/call | weight+io GB/s | torch dequant+linear (us) | rel err | ok | config |")
+    print("|---|---:|---|---|" + "---:|" * 14 + "---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['M']} | {r['fmt']} | {r['path']} | {r['bf16_ms']*1e3:.1f} | {r['triton_ms']*1e3:.1f} | "
               f"{r['speedup']:.2f}x | {r['bf16_graph_ms']*1e3:.1f} / {r['triton_graph_ms']*1e3:.1f} | "
-              f"{r['graph_speedup']:.2f}x | {r['floor_ms']*1e3:.1f} / {r['floor_speedup']:.2f}x | {r['host_us']:.1f} | {r['gbps']:.0f} | {r['torch_ms']*1e3:.1f} | "
+              f"{r['graph_speedup']:.2f}x | {r['floor_ms']*1e3:.1f} / {r['floor_speedup']:.2f}x | "
+              f"{r['bf16_step_ms']*1e3:.1f} / {r['triton_step_ms']*1e3:.1f} | {r['step_speedup']:.2f}x | "
+              f"{r['floor_step_ms']*1e3:.1f} / {r['floor_step_speedup']:.2f}x | {r['copies']} | {r['host_us']:.1f} | {r['gbps']:.0f} | {r['torch_ms']*1e3:.1f} | "
               f"{r['rel_err']:.1e} | {'ok' if r['ok'] else 'FAIL'} | {r['config']} |")
     small = [r for r in rows if r["M"] <= 16 and r["shape"].startswith("l3")]
     if small:
-        for col, what in (("speedup", "eager"), ("graph_speedup", "CUDA graph")):
+        for col, what in (("speedup", "eager"), ("graph_speedup", "CUDA graph, L2 flushed"),
+                          ("step_speedup", "decode step (distinct weights back to back)")):
             by_fmt = {}
             for r in small:
                 by_fmt.setdefault(f"{r['fmt']} {r['path']}", []).append(r[col])
