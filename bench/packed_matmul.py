@@ -17,9 +17,12 @@ with the speed-up over bf16, the effective weight bandwidth of the packed kernel
 arithmetic, no activations, no output): bf16 time / read floor bounds the speed-up any packed kernel can reach at that
 shape under this timing (launch, ramp-up and tail included); at M = 1 the small shapes sit well below 2.5x by it.
 
-Two timings per case: "eager" (``do_bench``: a Python call per run, so a launcher whose host time exceeds the GPU time
+Three timings per case: "eager" (``do_bench``: a Python call per run, so a launcher whose host time exceeds the GPU time
 shows up as idle GPU time) and "graph" (the same call captured once in a CUDA graph and replayed after an L2 flush:
-the GPU time alone, as a graph-captured decode step sees it). "host us" is the launcher's Python time per call
+the GPU time alone). The flush writes 256 MiB, so that replay also pays for writing the dirty L2 back. A third,
+"decode step", is the one to read for decode speed: one CUDA graph runs the call over distinct copies of the weight
+back to back (together >= 4x the L2, so each comes from HBM, with no flush), as the layers of a graph-captured
+decode step do; its own read floor is timed the same way. "host us" is the launcher's Python time per call
 (many calls queued without synchronising). The MXFP4 scale-path parameter (the largest scale code) is computed once per
 weight, as `PackedLinear` does, so no timed call synchronises with the device.
 
@@ -262,7 +265,7 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
                     torch.cuda.synchronize()
                 tune_s = time.perf_counter() - t0
                 kmod = sys.modules["ptq.kernels.packed_matmul"]
-                tuned_path = "auto" if mode == "auto" and m <= kmod.DECODE_MAX_M else "tile"
+                tuned_path = "auto" if mode == "auto" and m <= kmod.AUTO_DECODE_MAX_M else "tile"  # what ran
                 cfg, tops = _tuner_summary(kmod, tuned_path) if dev.type == "cuda" else ("", "")
                 # correctness on fresh data, output poisoned first
                 xc = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
