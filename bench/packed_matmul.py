@@ -104,10 +104,17 @@ def _bench_graph(fn, reps: int = 100) -> float:
     if graph is None:
         return float("nan")
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    # the GPU is busy with the flush while the host enqueues the replay: no idle gap is timed
+    return _time_replays(graph, reps, before=flush.zero_)
+
+
+def _time_replays(graph, reps: int, before=None) -> float:
+    """Median milliseconds of one replay of ``graph`` (device events), ``before()`` enqueued untimed ahead of each."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        flush.zero_()  # the GPU is busy with this while the host enqueues the replay: no idle gap is timed
+        if before is not None:
+            before()
         starts[i].record()
         graph.replay()
         ends[i].record()
@@ -134,14 +141,7 @@ def _bench_layers(fns, reps: int = 20) -> float:
     graph = _capture(lambda: [f() for f in fns])
     if graph is None:
         return float("nan")
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        starts[i].record()
-        graph.replay()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return float(torch.tensor([a.elapsed_time(b) for a, b in zip(starts, ends)]).median()) / len(fns)
+    return _time_replays(graph, reps) / len(fns)
 
 
 def _host_us(fn, calls: int = 200) -> float:
@@ -255,8 +255,8 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
                 g = p.global_scale.view(torch.float32).reshape(1) if p.global_scale is not None else None
                 code = codes[f]
 
-                def run(xx=x):
-                    return packed_matmul(xx, p.qweight, p.scales, p.weight_spec, n, global_scale=g,
+                def run(xx=x, qweight=p.qweight, scales=p.scales):
+                    return packed_matmul(xx, qweight, scales, p.weight_spec, n, global_scale=g,
                                          max_scale_code=code, path=mode)
 
                 t0 = time.perf_counter()
@@ -277,9 +277,7 @@ def kernel_table(formats: list[str], shapes, ms, torch_backend: bool, device: st
                 ok = bool(torch.isfinite(y).all()) and rel < 1e-2 and torch.equal(y, y2)
                 t_tri = _bench(run)
                 g_tri = _bench_graph(run)
-                s_tri = _bench_layers([
-                    lambda c=c: packed_matmul(x, c[0], c[1], p.weight_spec, n, global_scale=g, max_scale_code=code,
-                                              path=mode) for c in p_layers[f]])
+                s_tri = _bench_layers([lambda c=c: run(x, *c) for c in p_layers[f]])
                 host = _host_us(run)
                 t_torch = float("nan")
                 if torch_backend:
