@@ -3,7 +3,9 @@
 A recipe is the ``pass_args`` of :func:`ptq.quantize_module_transform_pass`. Top level:
 
 - ``by``: ``"regex_name"`` (default; Mase's ``"name"`` is an alias) matches selector patterns against module names
-  from ``model.named_modules()``; ``"type"`` matches them against module class names (``"Linear"``).
+  from ``model.named_modules()``; ``"type"`` matches them against module class names (``"Linear"``); ``"role"``
+  matches them against role paths (``layers.3.q``, ``layers.3.attention``, ``layers.0.gate_up``, ``lm_head``; see
+  :mod:`ptq.architectures`), so one recipe serves every decoder family.
 - ``extends = "base.toml"``: load that file first (path relative to the including file) and deep-merge this one on
   top of it, the child winning key by key. Selector tables keep the base's order; new ones are appended.
 - ``[gptq]`` (:class:`ptq.config.GPTQConfig`) and ``[rotation_search]`` (:class:`ptq.config.RotationSearchConfig`):
@@ -70,7 +72,7 @@ TEXT_SOURCE = "<recipe text>"
 DICT_SOURCE = "<recipe dict>"
 
 TOP_LEVEL_KEYS = ("by", "extends", "gptq", "rotation_search")
-BY_VALUES = ("regex_name", "type")
+BY_VALUES = ("regex_name", "type", "role")
 BY_ALIASES = {"name": "regex_name"}
 TENSOR_PREFIXES = ("weight", "data_in", "bias")
 TENSOR_KNOBS = ("width", "block_size", "exponent_width", "frac_width", "format", "rounding", "seed", "scale_rule",
@@ -179,7 +181,7 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
-    by: Literal["regex_name", "type"] = "regex_name"
+    by: Literal["regex_name", "type", "role"] = "regex_name"
     gptq: GPTQConfig | None = None
     rotation_search: RotationSearchConfig | None = None
     selectors: tuple[Selector, ...] = ()
@@ -200,9 +202,15 @@ class Recipe(BaseModel):
         return hash((self.by, self.selectors))
 
     # -- matching --
-    def selector_for(self, name: str, type_name: str | None = None) -> Selector | None:
-        """The first selector matching a module (by name, or by ``type_name`` when ``by = "type"``)."""
-        subject = name if self.by == "regex_name" else type_name
+    def selector_for(self, name: str, type_name: str | None = None, role: str | None = None) -> Selector | None:
+        """The first selector matching a module: by name, by ``type_name`` when ``by = "type"``, by its role path
+        (``role``, e.g. ``"layers.3.q"``; None = the module has no role) when ``by = "role"``."""
+        if self.by == "role":
+            if role is None:
+                return None
+            subject = role
+        else:
+            subject = name if self.by == "regex_name" else type_name
         if subject is None:
             raise RecipeError(f"{self.source or TEXT_SOURCE}: [by] is 'type': selector_for needs the module's "
                               f"class name (type_name=...)")
@@ -225,10 +233,16 @@ class Recipe(BaseModel):
         matched = [0] * len(self.selectors)
         won = [0] * len(self.selectors)
         names: list[str] = []
+        roles = self._roles(model) if self.by == "role" else {}
         for name, module in model.named_modules():
             if not name:
                 continue
-            subject = name if self.by == "regex_name" else type(module).__name__
+            if self.by == "role":
+                subject = roles.get(name)
+                if subject is None:
+                    continue
+            else:
+                subject = name if self.by == "regex_name" else type(module).__name__
             names.append(subject)
             first = None
             for i, sel in enumerate(self.selectors):
@@ -243,7 +257,7 @@ class Recipe(BaseModel):
             if cfg is None:
                 cfg = LinearQuantConfig() if isinstance(module, nn.Linear) else AttentionQuantConfig()
             out[name] = cfg
-        what = "module name" if self.by == "regex_name" else "module class name"
+        what = {"regex_name": "module name", "type": "module class name", "role": "role path"}[self.by]
         for i, sel in enumerate(self.selectors):
             if won[i]:
                 continue
@@ -260,6 +274,16 @@ class Recipe(BaseModel):
                 raise err
             warnings.warn(str(err), stacklevel=2)
         return out
+
+    def _roles(self, model: "torch.nn.Module") -> dict[str, str]:
+        from ptq.architectures import architecture
+
+        arch = architecture(model)
+        if not arch.known:
+            warnings.warn(f"{self.source or TEXT_SOURCE}: [by] = 'role', but model type {arch.model_type!r} is not in "
+                          f"ptq's role table: roles were guessed from module names ({len(arch.roles)} modules got one). "
+                          f"Check them with `ptq validate --model`, or select by regex_name", stacklevel=3)
+        return dict(arch.roles)
 
     @property
     def gptq_selectors(self) -> tuple[Selector, ...]:
@@ -545,8 +569,8 @@ def _validate_dict(data: Mapping, source: str | None) -> Recipe:
     data.pop("extends", None)
     by = data.get("by", "regex_name")
     if not isinstance(by, str) or BY_ALIASES.get(by, by) not in BY_VALUES:
-        raise _fail(source, "by", f"unknown value {by!r}", 'Use by = "regex_name" (match module names) or '
-                    'by = "type" (match module class names)')
+        raise _fail(source, "by", f"unknown value {by!r}", 'Use by = "regex_name" (match module names), '
+                    'by = "type" (match module class names) or by = "role" (match role paths such as layers.0.q)')
     gptq = _pydantic(source, "gptq", GPTQConfig, data["gptq"]) if "gptq" in data else None
     rot = (_pydantic(source, "rotation_search", RotationSearchConfig, data["rotation_search"])
            if "rotation_search" in data else None)

@@ -31,7 +31,7 @@ def test_help_for_every_command(capsys):
 def test_validate_prints_selectors(name, capsys):
     assert main(["validate", str(RECIPES / name)]) == 0
     out = capsys.readouterr().out
-    assert r"['model\.layers\.\d+\.self_attn$'] -> attention: kv_cache=MXINT4(block=32, axis=-1)" in out
+    assert r"['layers\.\d+\.attention'] -> attention: kv_cache=MXINT4(block=32, axis=-1)" in out
     assert "linear: weight=MXINT4(block=32, axis=-1) data_in=MXINT4(block=32, axis=-1)" in out
     assert ("[gptq]: off" in out) == (name == "w4a4kv4.toml")
     assert ("[rotation_search]: off" in out) == (name != "w4a4kv4_gptq_rot.toml")
@@ -58,6 +58,14 @@ def test_validate_with_model(stories260k_path, tmp_path, capsys):
     assert "model.layers.4.mlp.down_proj (Linear): linear: weight=MXINT4" in out
     assert "model.layers.0.self_attn (LlamaAttention): attention: kv_cache=MXINT4" in out
     assert "passes: swap" in out
+    assert "coverage: 100.0% of the decoder's matmul weights quantized" in out
+    assert "attention: 5 modules; quantized points: kv_cache 5/5" in out
+    partial = tmp_path / "p.toml"  # only the attention projections: the MLP weights are left out
+    partial.write_text('by = "role"\n' + "['layers\\.\\d+\\.(q|k|v|o)']\nname = \"mxint\"\nweight_width = 4\n")
+    assert main(["validate", str(partial), "--model", str(stories260k_path)]) == 0
+    assert "modules left out by role: gate: 5, up: 5, down: 5" in capsys.readouterr().err
+    assert main(["validate", str(partial), "--model", str(stories260k_path), "--strict"]) == 1
+    assert "strict mode" in capsys.readouterr().err
     unmatched = tmp_path / "u.toml"
     unmatched.write_text("['model\\.layers\\.\\d+\\.mlp\\.gate']\nname = \"mxint\"\nweight_width = 4\n")
     assert main(["validate", str(unmatched), "--model", str(stories260k_path)]) == 0

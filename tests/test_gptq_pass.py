@@ -42,9 +42,9 @@ def recipe_text(checkpoint_dir, **gptq):
         [gptq.weight_config]
         weight_block_size = 32
         weight_width = 4
-        ['model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj']
+        ['layers\\.\\d+\\.(q|k|v|qkv|o)']
         gptq = true
-        ['model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj']
+        ['layers\\.\\d+\\.(gate|up|gate_up|down|experts)']
         gptq = true
         """).replace("{lines}", lines).replace("{ck}", ck)
 
@@ -255,7 +255,7 @@ def test_cuda_pass_moves_one_layer_at_a_time(tmp_path, stories260k_path, data_di
 
 @pytest.mark.parametrize("base", ["nvfp4.toml", "mx6.toml"])
 def test_other_weight_families_run_through_the_pass(tmp_path, stories260k_path, data_dir, base):
-    sel = "model\\.layers\\.\\d+\\.(self_attn\\.(q|k|v|o)|mlp\\.(gate|up|down))_proj"
+    sel = "layers\\.\\d+\\.(q|k|v|qkv|o|gate|up|gate_up|down|experts)"
     p = tmp_path / "r.toml"
     p.write_text(f"extends = {json.dumps(str(ROOT / 'recipes' / base))}\n[gptq]\ndataset = \"tinystories\"\n"
                  f"nsamples = 4\nseqlen = 32\nclip_search_y = true\n['{sel}']\ngptq = true\n")

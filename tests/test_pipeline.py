@@ -159,7 +159,7 @@ def test_bypass_selector_over_mixed_modules_runs(stories260k):
     pytest.importorskip("ptq.passes.swap")
     model, _ = stories260k
     base = (RECIPES / "w4a4kv4.toml").read_text()
-    text = "['model\\.layers\\.0(\\..*)?']\nbypass = true\n\n" + base.split('by = "regex_name"', 1)[1]
+    text = 'by = "role"\n' + "['layers\\.0\\..*']\nbypass = true\n\n" + base.split('by = "role"', 1)[1]
     recipe = load_recipe(text)
     assert recipe.selectors[0].bypass
     ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110]])

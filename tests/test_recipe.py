@@ -126,8 +126,11 @@ def test_shipped_recipes_expected_values():
     issue = load_recipe(ISSUE_RECIPE)
     assert rtn.gptq is None and rtn.rotation_search is None
     assert [s.config for s in rtn.selectors] == [KV4, W4A4, W4A4]
-    # extends keeps the base's selector order and sets gptq = true inside the same tables
-    assert gptq.selectors == issue.selectors and rot.selectors == issue.selectors
+    # extends keeps the base's selector order and sets gptq = true inside the same tables; the shipped recipes select
+    # by role, the issue's recipe by Llama module names: same configs in the same order
+    assert rtn.by == gptq.by == rot.by == "role" and issue.by == "regex_name"
+    assert [s.config for s in gptq.selectors] == [s.config for s in issue.selectors]
+    assert [s.config for s in rot.selectors] == [s.config for s in issue.selectors]
     assert gptq.rotation_search is None
     g = gptq.gptq
     assert (g.dataset, g.nsamples, g.seqlen, g.cali_batch_size, g.format) == ("wikitext2", 128, 2048, 8, "mxint")
@@ -138,6 +141,14 @@ def test_shipped_recipes_expected_values():
     assert mxfp4.selectors[0].config == LinearQuantConfig(weight=QuantSpec.mxfp("e2m1"), data_in=QuantSpec.mxfp("e2m1"))
     nv = load_recipe(RECIPES / "nvfp4.toml")
     assert nv.selectors[0].config == LinearQuantConfig(weight=QuantSpec.nvfp4(), data_in=QuantSpec.nvfp4())
+
+
+def test_role_recipes_resolve_like_name_recipes_on_llama(stories260k):
+    """On a Llama the role selectors pick exactly the modules the Llama-name selectors pick, with the same configs."""
+    model, _ = stories260k
+    by_role = load_recipe(RECIPES / "w4a4kv4_gptq.toml").resolve(model, strict=True)
+    by_name = load_recipe(ISSUE_RECIPE).resolve(model, strict=True)
+    assert by_role == by_name and len(by_role) == 5 * (1 + 4 + 3)
 
 
 def test_mase_dict_form_equals_toml():
@@ -411,14 +422,18 @@ def test_recipe_is_frozen():
 
 def test_selector_for_and_stale_raw_refused():
     r = load_recipe(RECIPES / "w4a4kv4.toml")
-    assert r.selector_for("model.layers.7.mlp.up_proj").config == W4A4
-    assert r.selector_for("model.layers.7.self_attn").config == KV4
-    assert r.selector_for("lm_head") is None
+    assert r.selector_for("model.layers.7.mlp.up_proj", role="layers.7.up").config == W4A4
+    assert r.selector_for("model.layers.7.self_attn", role="layers.7.attention").config == KV4
+    assert r.selector_for("model.layers.7.self_attn.q_norm", role=None) is None  # no role: never matched by role
+    assert r.selector_for("lm_head", role="lm_head") is None
+    r = load_recipe(ISSUE_RECIPE)
+    assert r.selector_for("model.layers.7.mlp.up_proj").config == W4A4_GPTQ
     with pytest.raises(RecipeError, match="type_name"):
         load_recipe('by = "type"\n[Linear]\nname = "mxint"\nweight_width = 4\n').selector_for("x")
     # a Selector edited in code so that its raw table no longer says what its config says cannot be saved silently
     from ptq.recipe import Selector
 
+    r = load_recipe(RECIPES / "w4a4kv4.toml")
     sel = r.selectors[1]
     edited = r.model_copy(update={"selectors": (Selector(sel.pattern, W4A4_GPTQ, sel.raw),)})
     with pytest.raises(RecipeError, match="round trip"):

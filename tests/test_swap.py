@@ -271,8 +271,8 @@ def test_gptq_results_are_identical_with_and_without_sharing(stories260k_path, t
         f'extends = "{ROOT / "recipes" / "w4a4kv4.toml"}"\n'
         '[gptq]\ndataset = "tinystories"\nnsamples = 4\nseqlen = 32\ncali_batch_size = 2\n'
         '[gptq.weight_config]\nweight_block_size = 32\nweight_width = 4\n'
-        "['model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj']\ngptq = true\n"
-        "['model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj']\ngptq = true\n")
+        "['layers\\.\\d+\\.(q|k|v|qkv|o)']\ngptq = true\n"
+        "['layers\\.\\d+\\.(gate|up|gate_up|down|experts)']\ngptq = true\n")
     ids = torch.tensor([[1, 5, 9, 22, 40, 7, 300, 12]])
     results = []
     for share in (True, False):

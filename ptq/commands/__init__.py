@@ -28,6 +28,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="do not reuse existing GPTQ "
                    "checkpoints or rotation caches: refuse to touch them")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.add_argument("--strict", action="store_true", help="a selector matching nothing, or partial / zero "
+                   "quantization coverage of the decoder, is an error instead of a warning")
 
 
 def load_and_quantize(args):
@@ -41,5 +43,6 @@ def load_and_quantize(args):
     recipe = load_recipe(args.recipe)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model, info = quantize_module_transform_pass(model, recipe, tokenizer=tokenizer, device=args.device,
-                                                 progress=args.progress, resume=args.resume)
+                                                 progress=args.progress, resume=args.resume,
+                                                 strict=args.strict)
     return model, tokenizer, recipe, info

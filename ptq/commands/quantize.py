@@ -65,6 +65,10 @@ def run(args) -> int:
     for name, pinfo in info.items():
         summary = ", ".join(f"{k}={v}" for k, v in pinfo.items() if isinstance(v, (int, float, str, bool)))
         print(f"{name}: {summary}")
+    if "coverage" in info.get("swap", {}):
+        from ptq.coverage import format_coverage
+
+        print(format_coverage(info["swap"]["coverage"]))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import sys
 import warnings
 
 from ptq.commands import add_parser
-from ptq.errors import RecipeError
+from ptq.errors import ModelError, RecipeError
 
 EPILOG = """\
 examples:
@@ -22,12 +22,15 @@ def register(subparsers) -> None:
     p = add_parser(subparsers, "validate", help="check a recipe and print its selectors, specs and passes",
                    description="Load and validate RECIPE (following extends), then print the [gptq] / "
                    "[rotation_search] settings and each selector with the QuantSpecs it builds. With --model, also "
-                   "print which module gets which config (first matching selector wins).", epilog=EPILOG)
+                   "print which module gets which config (first matching selector wins), run the swap on it (so an unsupported module "
+                   "fails here, not in quantize) and print the coverage: which weights and attention points are "
+                   "quantized, and what fraction of the decoder's matmul weights.", epilog=EPILOG)
     p.add_argument("recipe", metavar="RECIPE", help="path to a TOML recipe")
     p.add_argument("--model", metavar="PATH_OR_ID", help="also resolve the selectors against this model (a local "
                    "HF directory, a hub id when online, or 'smollm2-135m' for the built-in default)")
-    p.add_argument("--strict", action="store_true", help="with --model: a selector matching no module is an error "
-                   "(exit 1) instead of a warning")
+    p.add_argument("--strict", action="store_true", help="with --model: a selector matching no module, an "
+                   "unsupported module, or partial / zero quantization coverage of the decoder is an error (exit 1) "
+                   "instead of a warning")
     p.add_argument("--toml", action="store_true", help="print only the merged recipe as TOML")
     p.set_defaults(func=run)
 
@@ -60,6 +63,21 @@ def _print_passes(recipe, out) -> None:
         print(f"warning: {err}", file=sys.stderr)
 
 
+def _print_swap_plan(model, mapping, strict: bool, out) -> None:
+    """Run the swap for real (the model is loaded anyway), so validate fails exactly where quantize would."""
+    from ptq.coverage import check_coverage, coverage_report, format_coverage
+    from ptq.passes.swap import swap_modules
+
+    swap_modules(model, mapping)
+    report = coverage_report(model)
+    print(format_coverage(report), file=out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_coverage(report, strict=strict)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
 def run(args) -> int:
     from ptq.recipe import config_summary, load_recipe, save_recipe
 
@@ -82,8 +100,12 @@ def run(args) -> int:
             print(f"modules of {type(model).__name__} ({len(mapping)} configured):", file=out)
             for name, cfg in mapping.items():
                 print(f"  {name} ({type(model.get_submodule(name)).__name__}): {config_summary(cfg)}", file=out)
+            _print_swap_plan(model, mapping, args.strict, out)
         _print_passes(recipe, out)
     except RecipeError as err:
         print(f"ptq validate: invalid recipe: {err}", file=sys.stderr)
+        return 1
+    except ModelError as err:
+        print(f"ptq validate: the recipe does not fit this model: {err}", file=sys.stderr)
         return 1
     return 0

@@ -24,6 +24,8 @@ class PassContext:
     data_dir: where local datasets live (default: the PTQ_DATA_DIR environment variable).
     progress: show tqdm bars.
     resume: reuse checkpoints / caches whose fingerprint matches (False: refuse to touch existing ones).
+    strict: a selector matching nothing, or partial / zero quantization coverage (`ptq.coverage`), is an error
+        instead of a loud warning.
     calibration: memo of tokenised calibration windows keyed by their request, so passes asking for the same
         windows share one copy.
     """
@@ -33,6 +35,7 @@ class PassContext:
     data_dir: str | None = None
     progress: bool = True
     resume: bool = True
+    strict: bool = False
     calibration: dict = field(default_factory=dict)
 
 

@@ -101,6 +101,7 @@ def quantize_module_transform_pass(
     device: "torch.device | str | None" = None,
     progress: bool = True,
     resume: bool = True,
+    strict: bool = False,
     ctx: PassContext | None = None,
 ) -> tuple["torch.nn.Module", dict[str, dict]]:
     """Quantize ``model`` in place as ``recipe`` says; return ``(model, info)``.
@@ -108,7 +109,9 @@ def quantize_module_transform_pass(
     ``recipe`` may be a :class:`~ptq.recipe.Recipe`, a TOML path, TOML text or a Mase-style dict. ``info`` maps each
     pass that ran (in run order) to its own summary dict plus ``seconds``. ``tokenizer`` is needed by passes that
     calibrate on text (GPTQ, rotation search); ``device`` is where they work (default CUDA when available);
-    ``resume`` lets them reuse matching checkpoints / caches. A ``ctx`` given explicitly overrides those four.
+    ``resume`` lets them reuse matching checkpoints / caches; ``strict`` turns selectors that match nothing and
+    partial or zero quantization coverage (``info["swap"]["coverage"]``) from loud warnings into errors. A ``ctx``
+    given explicitly overrides those five.
     """
     import torch
 
@@ -121,6 +124,7 @@ def quantize_module_transform_pass(
             data_dir=os.environ.get("PTQ_DATA_DIR"),
             progress=progress,
             resume=resume,
+            strict=strict,
         )
     info: dict[str, dict] = {}
     with torch.no_grad():

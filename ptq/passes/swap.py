@@ -109,27 +109,43 @@ def _apply_one(model: nn.Module, name: str, module: nn.Module, cfg, action: str)
     return new
 
 
-# Children of one module that the supported architectures call on the same tensor object.
-SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Llama-style child names, for models ptq.architectures cannot map (e.g. a bare test module)
+_ROLE_BY_CHILD_NAME = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "gate_proj": "gate", "up_proj": "up"}
+
+
+def _module_roles(model: nn.Module) -> dict[str, str]:
+    """Full module name -> bare role, from ptq.architectures when it understands the model, else by child name."""
+    from ptq.architectures import architecture
+
+    try:
+        arch = architecture(model)
+    except ModelError:
+        return {name: _ROLE_BY_CHILD_NAME[name.rsplit(".", 1)[-1]] for name, _ in model.named_modules()
+                if name.rsplit(".", 1)[-1] in _ROLE_BY_CHILD_NAME}
+    return {name: path.rsplit(".", 1)[-1] for name, path in arch.roles.items()}
 
 
 def link_shared_inputs(model: nn.Module) -> list[list[str]]:
-    """Give each group of sibling `LinearMX` modules of `SHARED_INPUT_GROUPS` (at least two of a group under one
-    parent, with equal in_features) one fresh `SharedInputMemo`; every other `LinearMX` gets none. Sharing happens
-    only when a forward passes them the same tensor with the same data_in spec and rotation, so this never changes
-    a result. Returns the linked groups (module names)."""
+    """Give each group of sibling `LinearMX` modules whose roles read one input (`SHARED_INPUT_ROLES`: q/k/v,
+    gate/up; at least two of a group under one parent, with equal in_features) one fresh `SharedInputMemo`; every
+    other `LinearMX` gets none. Sharing happens only when a forward passes them the same tensor with the same data_in
+    spec and rotation, so this never changes a result. Returns the linked groups (module names)."""
+    from ptq.architectures import SHARED_INPUT_ROLES
+
+    roles = _module_roles(model)
     linked: list[list[str]] = []
     for parent_name, parent in model.named_modules():
-        for group in SHARED_INPUT_GROUPS:
-            members = [(c, getattr(parent, c, None)) for c in group]
-            members = [(c, m) for c, m in members if isinstance(m, LinearMX) and parent._modules.get(c) is m]
+        prefix = f"{parent_name}." if parent_name else ""
+        children = [(c, m) for c, m in parent._modules.items() if isinstance(m, LinearMX)]
+        for group in SHARED_INPUT_ROLES:
+            members = [(c, m) for c, m in children if roles.get(prefix + c) in group]
             if len({m.in_features for _, m in members}) > 1:
                 members = []
             memo = SharedInputMemo(len(members)) if len(members) >= 2 else None
             for _, m in members:
                 m.set_input_memo(memo)
             if memo is not None:
-                linked.append([f"{parent_name}.{c}" if parent_name else c for c, _ in members])
+                linked.append([prefix + c for c, _ in members])
     linked_ids = {id(model.get_submodule(n)) for g in linked for n in g}
     for m in model.modules():
         if isinstance(m, LinearMX) and id(m) not in linked_ids:
@@ -209,4 +225,9 @@ class SwapPass:
         return True
 
     def run(self, model: nn.Module, recipe: "Recipe", ctx: PassContext) -> dict:
-        return swap_modules(model, recipe.resolve(model))
+        from ptq.coverage import check_coverage, coverage_report
+
+        info = swap_modules(model, recipe.resolve(model, strict=ctx.strict))
+        info["coverage"] = coverage_report(model)
+        check_coverage(info["coverage"], strict=ctx.strict, where=f"{recipe.source or 'recipe'}: ")
+        return info
