@@ -89,8 +89,10 @@ class GPTQConfig(_Strict):
     weight_config: GPTQWeightConfig | None = None
 
 
-RotationType = Literal["q", "k", "v", "o", "gate", "up", "down", "kv_cache", "qk_matmul", "av_matmul"]
-ROTATION_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down", "kv_cache", "qk_matmul", "av_matmul")
+RotationType = Literal["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "kv_cache", "qk_matmul",
+                       "av_matmul"]
+ROTATION_TYPES: tuple[str, ...] = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "kv_cache", "qk_matmul",
+                                   "av_matmul")
 
 
 class RotationSearchConfig(_Strict):

@@ -2,10 +2,11 @@
 
 Types and what rotating them means (``HadamardRotation`` of ``ptq.modules.rotation``):
 
-- ``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``: the input rotation of every ``LinearMX`` named
-  ``*.q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` / ``gate_proj`` / ``up_proj`` / ``down_proj``
-  (``LinearMX.set_rotation(rot, mode)``; size = in_features). q, k and v share their input, but each linear gets its
-  own (identical) rotation, so the three are independent choices.
+- ``q``, ``k``, ``v``, ``qkv``, ``o``, ``gate``, ``up``, ``gate_up``, ``down``: the input rotation of every
+  ``LinearMX`` with that role (`ptq.architectures`: ``q_proj`` of Llama, ``query_key_value`` of GPT-NeoX / Falcon,
+  ``c_attn`` of GPT-2, ``gate_up_proj`` of Phi-3, ``fc2`` of OPT ...; ``LinearMX.set_rotation(rot, mode)``; size =
+  in_features). q, k and v share their input, but each linear gets its own (identical) rotation, so the three are
+  independent choices. Fused MoE experts are not rotated.
 - ``kv_cache``: what the cache stores, K and V, along head_dim (``AttentionMX.set_rotations(qk=..., v=...)``): Q is
   rotated with K so Q K^T is unchanged, and the attention output is de-rotated per head before o_proj.
 - ``qk_matmul``: the Q/K rotation only (both operands of Q K^T).
@@ -57,8 +58,7 @@ from ptq.config import ROTATION_TYPES, RotationSearchConfig
 from ptq.errors import CheckpointError, ModelError, PtqError, RecipeError
 from ptq.passes.base import PassContext, register_pass
 
-LINEAR_TYPES: dict[str, str] = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-                                "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+LINEAR_TYPES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")  # = their roles
 ATTENTION_TYPES = ("kv_cache", "qk_matmul")
 CACHE_FORMAT = 1
 
@@ -77,12 +77,15 @@ def _attention_cls():
 
 def rotation_sites(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """type -> [(module name, module)] of the swapped modules a rotation of that type touches."""
+    from ptq.architectures import architecture
+
     linear_cls, attn_cls = _linear_cls(), _attention_cls()
+    arch = architecture(model)
     sites: dict[str, list[tuple[str, nn.Module]]] = {t: [] for t in ROTATION_TYPES}
     for name, mod in model.named_modules():
         if isinstance(mod, linear_cls):
-            t = LINEAR_TYPES.get(name.rsplit(".", 1)[-1])
-            if t is not None:
+            t = arch.role_of(name)
+            if t in LINEAR_TYPES:
                 sites[t].append((name, mod))
         elif isinstance(mod, attn_cls):
             for t in ATTENTION_TYPES:
@@ -92,7 +95,7 @@ def rotation_sites(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
 
 def _quantized(t: str, mod: nn.Module, mode: str) -> bool:
     cfg = mod.cfg
-    if t in LINEAR_TYPES.values():
+    if t in LINEAR_TYPES:
         return cfg.data_in is not None or (mode == "matched" and cfg.weight is not None)
     if t == "kv_cache":
         return cfg.kv_cache is not None
@@ -205,7 +208,7 @@ class RotationBank:
         every other type gets none."""
         if not isinstance(chosen, dict):
             chosen = dict.fromkeys(chosen, self.cfg.variants()[0])
-        for t in LINEAR_TYPES.values():
+        for t in LINEAR_TYPES:
             for name, mod in self.sites[t]:
                 rot = self._for_site(t, name, mod, chosen[t]) if t in chosen else None
                 if rot is not mod.rotation or (rot is not None and mod.rotation_mode != self.cfg.mode):
@@ -308,6 +311,11 @@ class RotationSearchPass:
         t0 = time.perf_counter()
         sites = rotation_sites(model)
         types = candidate_types(sites, cfg)
+        if not types:
+            raise ModelError(
+                f"rotation_search: no candidate: no swapped module of this {type(model).__name__} has a quantized "
+                f"input or weight in a rotatable role ({', '.join(LINEAR_TYPES)}) or a quantized KV cache / Q K^T. "
+                "Check the recipe's selectors with `ptq validate --model`, or remove [rotation_search]")
         bank = RotationBank(sites, cfg)
         skipped = bank.prepare(types)
         bank.apply({})  # start from no rotation (also clears rotations of an earlier run on this model)
