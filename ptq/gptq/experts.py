@@ -69,7 +69,7 @@ class HessianSums:
         self.counts = [0] * num_experts
 
     def add(self, expert_idx: int, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.sums[expert_idx] is None:
             self.sums[expert_idx] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
         self.sums[expert_idx].addmm_(x.T, x)
