@@ -353,3 +353,27 @@ def test_rarely_routed_experts_use_the_pooled_hessian():
     # a high threshold pools everything; the report says so
     report = gptq_experts(m, lambda: m(hidden, idx, weights), min_tokens=10_000)
     assert report.pooled == {"gate_up": [0, 1, 2, 3], "down": [0, 1, 2, 3]}
+
+
+# ---- native export ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gptq", [False, True])
+def test_export_round_trip_keeps_expert_quantization(tmp_path, gptq):
+    import ptq
+    from ptq.export import export_quantized, load_quantized
+
+    model = tiny_model("mixtral")
+    recipe = gptq_recipe() if gptq else {EXPERTS: {"config": {"name": "mxint", "weight_width": 4,
+                                                              "data_in_width": 8}}}
+    recipe[r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"] = {"config": {"name": "mxint", "weight_width": 4}}
+    model, _ = ptq.quantize_module_transform_pass(model, recipe, ctx=calibration_ctx())
+    summary = export_quantized(model, tmp_path / "out", progress=False)
+    assert summary["experts"] == experts_names(model) and len(summary["packed"]) == 8
+    loaded = load_quantized(tmp_path / "out")
+    ids = tokens()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    for name in experts_names(model):
+        got, want = loaded.get_submodule(name), model.get_submodule(name)
+        assert isinstance(got, ExpertsMX) and got.cfg == want.cfg
+        for which in PROJECTIONS:
+            assert got.gptq_experts(which) == want.gptq_experts(which)
+            assert torch.equal(got.effective_weight(which), want.effective_weight(which))
