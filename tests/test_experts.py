@@ -273,6 +273,7 @@ def test_gptq_pass_quantizes_every_expert_on_grid_and_resumes(tmp_path):
     for name in names:
         m = model.get_submodule(name)
         rep = g["experts"][name]
+        assert rep["min_tokens"] == {w: m.in_features(w) for w in PROJECTIONS}  # the default threshold
         for which in PROJECTIONS:
             assert m.gptq_experts(which) == list(range(m.num_experts))
             assert sum(rep["tokens"][which]) == 8 * 32 * model.config.num_experts_per_tok
@@ -362,10 +363,12 @@ def test_export_round_trip_keeps_expert_quantization(tmp_path, gptq):
     from ptq.export import export_quantized, load_quantized
 
     model = tiny_model("mixtral")
-    recipe = gptq_recipe() if gptq else {EXPERTS: {"config": {"name": "mxint", "weight_width": 4,
-                                                              "data_in_width": 8}}}
+    recipe = gptq_recipe(experts_min_tokens=100) if gptq else {EXPERTS: {"config": {"name": "mxint", "weight_width": 4,
+                                                                                   "data_in_width": 8}}}
     recipe[r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"] = {"config": {"name": "mxint", "weight_width": 4}}
-    model, _ = ptq.quantize_module_transform_pass(model, recipe, ctx=calibration_ctx())
+    model, info = ptq.quantize_module_transform_pass(model, recipe, ctx=calibration_ctx())
+    if gptq:  # the recipe's threshold reached the experts GPTQ
+        assert {r["min_tokens"]["down"] for r in info["gptq"]["experts"].values()} == {100}
     summary = export_quantized(model, tmp_path / "out", progress=False)
     assert summary["experts"] == experts_names(model) and len(summary["packed"]) == 8
     loaded = load_quantized(tmp_path / "out")
