@@ -16,9 +16,11 @@ GPT-2's ``Conv1D`` (``y = x @ W + b`` with ``W`` stored [in_features, out_featur
 dict keys, shapes and checkpoints do not change, and ``weight_transposed`` is True. Everything that quantizes or
 multiplies (`weight_to_quantize`, `effective_weight`, `set_quantized_weight`, GPTQ, packing) sees the [out, in]
 matmul view ``W.T``, blocked along in_features like any linear; an unquantized Conv1D multiplies by that view of the
-Parameter itself (``F.linear(x, W.T, b)`` is the ``addmm(b, x, W)`` Conv1D computes). The effective weight (rotated, quantized, in the weight's dtype) is computed once, without autograd,
-and cached; the cache is dropped when the weight's data changes (``_version`` / ``data_ptr`` / device / dtype), when
-the rotation or the config changes. A weight set by GPTQ (`set_quantized_weight`) is used as is, never re-quantized.
+Parameter itself (``F.linear(x, W.T, b)`` is the ``addmm(b, x, W)`` Conv1D computes).
+
+The effective weight (rotated, quantized, in the weight's dtype) is computed once, without autograd, and cached; the
+cache is dropped when the weight's data changes (``_version`` / ``data_ptr`` / device / dtype), when the rotation or
+the config changes. A weight set by GPTQ (`set_quantized_weight`) is used as is, never re-quantized.
 
 Sibling linears that read the same input (q/k/v_proj, gate/up_proj) can share one prepared input through a
 `SharedInputMemo` (installed by the swap pass, see `LinearMX.set_input_memo`): the first sibling stores
