@@ -87,6 +87,9 @@ class GPTQConfig(_Strict):
     seed: int = 0
     checkpoint_dir: str | None = None
     weight_config: GPTQWeightConfig | None = None
+    # MoE experts routed fewer calibration tokens than this use the Hessian pooled over all experts of the
+    # projection in their layer (None: the projection's in_features); see ptq.gptq.experts
+    experts_min_tokens: int | None = Field(None, ge=1)
 
 
 RotationType = Literal["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "kv_cache", "qk_matmul",

@@ -8,7 +8,12 @@
   Tensors that share storage (tied embeddings) are written once; the config records which key to copy where.
 - ``config.json``: the Hugging Face model config (minus a loader's ``quantization_config``, e.g. GGUF's).
 - ``ptq_quant_config.json``: ``format_version``, the per-module quantization (packed linears, LinearMX layers that
-  stay fake-quantized, AttentionMX configs), rotations, tied keys, the dtype.
+  stay fake-quantized, AttentionMX configs, ExpertsMX configs), rotations, tied keys, the dtype.
+
+Fused MoE experts (`ExpertsMX`) are not packed: they stay fake-quantized under their own state-dict keys. A
+projection with GPTQ weights (``"gptq_weights"`` in its entry) is written as its effective weights (every expert on
+the grid, in the stored layout), which the loader installs as the experts' GPTQ weights, so they are used as is;
+other projections keep their float weights and are re-quantized by RTN on load (deterministic, same bits).
 - the tokenizer's files when a tokenizer is given.
 
 The directory is written to a temporary sibling and renamed into place, so a crash never leaves half an export.
@@ -95,12 +100,16 @@ def packed_modules(model: nn.Module, *, progress: bool = False) -> dict[str, Pac
 
 def _quant_config(model: nn.Module, packed: dict[str, PackedLinear]) -> dict[str, Any]:
     from ptq.modules.attention import AttentionMX
+    from ptq.modules.experts import PROJECTIONS, ExpertsMX
     from ptq.modules.linear import LinearMX
 
     modules: dict[str, dict] = {}
     for name, m in model.named_modules():
         if name in packed:
             modules[name] = packed[name].config()
+        elif isinstance(m, ExpertsMX):
+            modules[name] = {"type": "ExpertsMX", "config": _linear_cfg_to_dict(m.cfg),
+                             "gptq_weights": [p for p in PROJECTIONS if m.gptq_experts(p)]}
         elif isinstance(m, LinearMX):
             if m.has_gptq_weight:
                 raise ModelError(
@@ -117,12 +126,19 @@ def _quant_config(model: nn.Module, packed: dict[str, PackedLinear]) -> dict[str
 
 def _export_state_dict(model: nn.Module, packed: dict[str, PackedLinear]) -> tuple[dict, dict]:
     """The tensors to write and the tied keys ({dropped key: kept key}) of tensors that share storage."""
+    from ptq.modules.experts import PROJECTIONS, ExpertsMX
+
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         owner = name.rpartition(".")[0]
         if any(owner == p or owner.startswith(p + ".") for p in packed):
             continue  # replaced by the packed module's own entries
         tensors[name] = t.detach()
+    for name, m in model.named_modules():
+        if isinstance(m, ExpertsMX):  # GPTQ experts: their effective weights, installed as GPTQ weights on load
+            for p in PROJECTIONS:
+                if m.gptq_experts(p):
+                    tensors[f"{name}.{m.param_name(p)}"] = m.effective_weight(p).detach()
     for pname, pm in packed.items():
         for k, t in pm.state_dict().items():
             tensors[f"{pname}.{k}"] = t.detach()
@@ -152,7 +168,8 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer:
                      progress: bool = True) -> dict:
     """Write ``model`` (after the ptq passes) to ``out_dir`` with packed weights; see the module docstring.
 
-    Returns a summary: ``packed`` (names), ``kept`` (LinearMX layers left fake-quantized), ``bytes`` (file size),
+    Returns a summary: ``packed`` (names), ``kept`` (LinearMX layers left fake-quantized), ``experts`` (ExpertsMX
+    modules, fake-quantized), ``bytes`` (file size),
     ``packed_weight_bytes`` / ``packed_weights`` (codes + scales bytes and weight count of the packed layers) and
     ``bits_per_weight`` (their ratio x 8).
     """
@@ -197,6 +214,7 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer:
         "out_dir": str(out),
         "packed": sorted(packed),
         "kept": sorted(n for n, c in modules.items() if c["type"] == "LinearMX"),
+        "experts": sorted(n for n, c in modules.items() if c["type"] == "ExpertsMX"),
         "bytes": (out / WEIGHTS).stat().st_size,
         "packed_weights": n_weights,
         "packed_weight_bytes": n_bytes,
@@ -255,6 +273,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
+def _install_expert_gptq_weights(m: nn.Module, projections: list[str]) -> None:
+    """The stored values of these projections are GPTQ's effective weights: use them as is (no RTN on top)."""
+    for p in projections:
+        w = getattr(m, m.param_name(p)).detach()
+        for e in range(m.num_experts):
+            m.set_quantized_weight(p, e, w[e].t() if m.is_transposed else w[e])
+
+
 def load_quantized(path: str | os.PathLike, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None, backend: str | None = None) -> nn.Module:
     """Rebuild a model written by `export_quantized` (eval mode). ``device``: where to put it (default CPU);
@@ -280,7 +306,7 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
     for name, entry in modules.items():
         if entry["type"] == "AttentionMX":
             mapping[name] = _attn_cfg_from_dict(entry["config"])
-        elif entry["type"] == "LinearMX":
+        elif entry["type"] in ("LinearMX", "ExpertsMX"):
             mapping[name] = _linear_cfg_from_dict(entry["config"])
     if mapping:
         swap_modules(model, mapping)
@@ -297,6 +323,8 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
             qk, v = rotation_from_dict(entry.get("qk_rotation")), rotation_from_dict(entry.get("v_rotation"))
             if qk is not None or v is not None:
                 model.get_submodule(name).set_rotations(qk=qk, v=v)
+        elif kind == "ExpertsMX":
+            pass  # its GPTQ weights are installed once the tensors are loaded (below)
         else:
             raise PtqError(f"{path / QUANT_CONFIG}: module {name!r} has unknown type {kind!r}")
 
@@ -314,6 +342,9 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
         raise PtqError(f"{path}: parameters without stored values: {still_meta[:5]}")
+    for name, entry in modules.items():
+        if entry["type"] == "ExpertsMX":
+            _install_expert_gptq_weights(model.get_submodule(name), entry.get("gptq_weights", []))
     if hasattr(model, "tie_weights"):
         with contextlib.suppress(Exception):
             model.tie_weights()

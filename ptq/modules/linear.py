@@ -9,9 +9,18 @@ Forward (``Q_*`` = `fake_quantize` with the config's spec; a ``None`` spec is an
   quantization error; the weight stays in its own basis).
 
 Weight and input are blocked along in_features (the reduction axis of the matmul), so every spec is applied along
-the last dim. The effective weight (rotated, quantized, in the weight's dtype) is computed once, without autograd,
-and cached; the cache is dropped when the weight's data changes (``_version`` / ``data_ptr`` / device / dtype), when
-the rotation or the config changes. A weight set by GPTQ (`set_quantized_weight`) is used as is, never re-quantized.
+the last dim.
+
+GPT-2's ``Conv1D`` (``y = x @ W + b`` with ``W`` stored [in_features, out_features]) is wrapped too
+(``LinearMX.from_linear(conv1d, cfg)``): the module then holds the Parameter in its stored [in, out] layout, so state
+dict keys, shapes and checkpoints do not change, and ``weight_transposed`` is True. Everything that quantizes or
+multiplies (`weight_to_quantize`, `effective_weight`, `set_quantized_weight`, GPTQ, packing) sees the [out, in]
+matmul view ``W.T``, blocked along in_features like any linear; an unquantized Conv1D multiplies by that view of the
+Parameter itself (``F.linear(x, W.T, b)`` is the ``addmm(b, x, W)`` Conv1D computes).
+
+The effective weight (rotated, quantized, in the weight's dtype) is computed once, without autograd, and cached; the
+cache is dropped when the weight's data changes (``_version`` / ``data_ptr`` / device / dtype), when the rotation or
+the config changes. A weight set by GPTQ (`set_quantized_weight`) is used as is, never re-quantized.
 
 Sibling linears that read the same input (q/k/v_proj, gate/up_proj) can share one prepared input through a
 `SharedInputMemo` (installed by the swap pass, see `LinearMX.set_input_memo`): the first sibling stores
@@ -133,11 +142,21 @@ class SharedInputMemo:
         return f"SharedInputMemo(size={self.size})"
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2 style: ``y = x @ W + b``, W stored [in, out])."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency; no Conv1D then means none in the model
+        return False
+    return isinstance(module, Conv1D)
+
+
 class LinearMX(nn.Module):
     """`nn.Linear` with MX fake quantization; build it with `LinearMX.from_linear(linear, cfg)`.
 
     Attributes:
-        weight, bias: the original module's Parameters (shared, not copied).
+        weight, bias: the original module's Parameters (shared, not copied); ``weight`` is [out, in], or [in, out]
+            when ``weight_transposed`` (a wrapped Conv1D).
         cfg: the `LinearQuantConfig` (specs normalised to ``axis=-1``).
         rotation, rotation_mode: the online input rotation (see the module docstring); set with `set_rotation`.
         in_features, out_features: as on `nn.Linear`.
@@ -148,18 +167,21 @@ class LinearMX(nn.Module):
         weight: nn.Parameter,
         bias: nn.Parameter | None = None,
         cfg: LinearQuantConfig | None = None,
+        *,
+        weight_transposed: bool = False,
     ) -> None:
         super().__init__()
         if weight.dim() != 2:
-            raise ModelError(
-                f"LinearMX needs a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
+            layout = "[in_features, out_features]" if weight_transposed else "[out_features, in_features]"
+            raise ModelError(f"LinearMX needs a 2-D weight {layout}, got shape {tuple(weight.shape)}")
         if not isinstance(weight, nn.Parameter):
             weight = nn.Parameter(weight, requires_grad=False)
         self.weight = weight
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias, requires_grad=False)
         self.bias = bias
-        self.out_features, self.in_features = weight.shape
+        self.weight_transposed = bool(weight_transposed)
+        self.out_features, self.in_features = weight.shape[::-1] if weight_transposed else weight.shape
         self.rotation: nn.Module | None = None
         self.rotation_mode: RotationMode = "matched"
         self._gptq_weight: torch.Tensor | None = None
@@ -171,12 +193,18 @@ class LinearMX(nn.Module):
         self.set_config(cfg if cfg is not None else LinearQuantConfig())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, cfg: LinearQuantConfig | None = None) -> "LinearMX":
-        """Wrap ``linear``: the new module holds the same ``weight`` / ``bias`` Parameters (no copy)."""
+    def from_linear(cls, linear: nn.Module, cfg: LinearQuantConfig | None = None) -> "LinearMX":
+        """Wrap ``linear`` (an ``nn.Linear`` or a transformers ``Conv1D``): the new module holds the same ``weight`` /
+        ``bias`` Parameters (no copy)."""
         if isinstance(linear, LinearMX):
             raise ModelError("from_linear got a LinearMX; call .set_config(cfg) on it to reconfigure it instead")
+        if is_conv1d(linear):
+            mod = cls(linear.weight, linear.bias, cfg, weight_transposed=True)
+            mod.train(linear.training)
+            return mod
         if not isinstance(linear, nn.Linear):
-            raise ModelError(f"LinearMX.from_linear needs an nn.Linear, got {type(linear).__name__}")
+            raise ModelError(f"LinearMX.from_linear needs an nn.Linear or a transformers Conv1D, got "
+                             f"{type(linear).__name__}")
         mod = cls(linear.weight, linear.bias, cfg)
         mod.train(linear.training)
         return mod
@@ -236,13 +264,19 @@ class LinearMX(nn.Module):
     def _rotates_weight(self) -> bool:
         return self.rotation is not None and self.rotation_mode == "matched"
 
+    @property
+    def matmul_weight(self) -> torch.Tensor:
+        """The weight Parameter as the [out_features, in_features] matrix of ``F.linear`` (a view for Conv1D)."""
+        return self.weight.t() if self.weight_transposed else self.weight
+
     @torch.no_grad()
     def weight_to_quantize(self) -> torch.Tensor:
-        """The fp32 weight the weight quantizer sees: ``rot(W)`` in matched mode, else ``W`` (a fresh copy)."""
-        w = self.weight.detach().to(torch.float32)
+        """The fp32 [out, in] weight the weight quantizer sees: ``rot(W)`` in matched mode, else ``W`` (a fresh,
+        contiguous copy)."""
+        w = self.matmul_weight.detach().to(torch.float32)
         if self._rotates_weight:
             return self.rotation(w).to(torch.float32)
-        return w.clone()
+        return w.clone(memory_format=torch.contiguous_format)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the matmul sees on the input side: ``Q_in(rot(x))`` (matched), ``rot.inverse(Q_in(rot(x)))``
@@ -267,10 +301,11 @@ class LinearMX(nn.Module):
 
     @torch.no_grad()
     def set_quantized_weight(self, wq: torch.Tensor) -> None:
-        """Store GPTQ's result (in the basis of `weight_to_quantize`) as the effective weight, used as is."""
-        if tuple(wq.shape) != tuple(self.weight.shape):
-            raise ModelError(
-                f"set_quantized_weight: shape {tuple(wq.shape)} != weight shape {tuple(self.weight.shape)}")
+        """Store GPTQ's result (in the basis and [out, in] layout of `weight_to_quantize`) as the effective weight,
+        used as is."""
+        if tuple(wq.shape) != (self.out_features, self.in_features):
+            raise ModelError(f"set_quantized_weight: shape {tuple(wq.shape)} != [out_features, in_features] "
+                             f"{(self.out_features, self.in_features)}")
         self._gptq_weight = wq.detach().to(device=self.weight.device, dtype=self.weight.dtype).clone()
         self._weight_cache = None
 
@@ -284,12 +319,12 @@ class LinearMX(nn.Module):
         return self._gptq_weight is not None
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight the matmul uses: the GPTQ weight if set, else ``Q_w(weight_to_quantize())`` in the weight's
-        dtype; the Parameter itself when nothing is quantized or rotated. Cached."""
+        """The [out, in] weight the matmul uses: the GPTQ weight if set, else ``Q_w(weight_to_quantize())`` in the
+        weight's dtype; the Parameter itself (`matmul_weight`) when nothing is quantized or rotated. Cached."""
         if self._gptq_weight is not None:
             return self._gptq_weight
         if self.cfg.weight is None and not self._rotates_weight:
-            return self.weight
+            return self.matmul_weight
         key = (_tensor_key(self.weight), self._rotation_epoch)
         if self._weight_cache is None or self._weight_cache[0] != key:
             # a normal tensor even when the first forward runs under inference_mode, so later forwards outside it
@@ -331,6 +366,7 @@ class LinearMX(nn.Module):
             f"in_features={self.in_features}",
             f"out_features={self.out_features}",
             f"bias={self.bias is not None}",
+            *(["weight_layout=[in, out] (Conv1D)"] if self.weight_transposed else []),
             f"weight={c.weight or 'bypass'}",
             f"data_in={c.data_in or 'bypass'}",
         ]

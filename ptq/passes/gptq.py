@@ -20,6 +20,13 @@ Which linears: ``LinearMX`` modules whose config has ``gptq = true`` and a weigh
 the same Hessian and spec are quantized in one call (rows are independent given H); nvfp4 weights are not merged
 because their global scale is per tensor.
 
+Fused MoE experts (``ExpertsMX`` with ``gptq = true``) form a group of their own, at their place in the execution
+order: each expert's gate_up and down get their own Hessian from the tokens routed to it, gate_up before down
+(``ptq.gptq.experts``). Experts routed fewer than ``[gptq].experts_min_tokens`` tokens (default: the projection's
+in_features) use the Hessian pooled over all experts of that projection in the layer; ``info["experts"]`` lists, per
+experts module, the routed token counts and which experts used the pooled Hessian. Their checkpoint entries are
+``<module>.gate_up_proj`` / ``<module>.down_proj`` with all experts stacked [E, out, in].
+
 Clip search: ``[gptq].clip_search_y`` -> objective "output" (least output error, using H); else
 ``quantile_search`` -> "weight"; with both, "output" wins: it is the error GPTQ itself minimises.
 
@@ -40,6 +47,7 @@ import torch.nn as nn
 
 from ptq.errors import CheckpointError, ModelError, PtqError
 from ptq.gptq import HessianError, gptq_quantize
+from ptq.gptq.experts import ExpertsProjection, experts_targets, gptq_experts
 from ptq.passes.base import PassContext, register_pass
 from ptq.passes.checkpoint import CheckpointStore, _test_hook
 
@@ -98,9 +106,22 @@ def _is_target(m: nn.Module) -> bool:
     return isinstance(m, LinearMX) and m.cfg.gptq and m.cfg.weight is not None
 
 
-def targeted_linears(layer: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The linears of ``layer`` that GPTQ quantizes: LinearMX with ``gptq = true`` and a weight spec."""
-    return [(n, m) for n, m in layer.named_modules() if _is_target(m)]
+def targeted_linears(layer: nn.Module) -> list[tuple[str, nn.Module | ExpertsProjection]]:
+    """The linears of ``layer`` that GPTQ quantizes: LinearMX with ``gptq = true`` and a weight spec, and the two
+    projections of every such ExpertsMX (as `ExpertsProjection` entries, see ``ptq.gptq.experts``)."""
+    from ptq.modules.experts import ExpertsMX
+
+    out: list[tuple[str, nn.Module | ExpertsProjection]] = []
+    for n, m in layer.named_modules():
+        if _is_target(m):
+            out.append((n, m))
+        elif isinstance(m, ExpertsMX) and m.cfg.gptq and m.cfg.weight is not None:
+            out += experts_targets(n, m)
+    return out
+
+
+def _hooked_module(target) -> nn.Module:
+    return target.module if isinstance(target, ExpertsProjection) else target
 
 
 def _module_devices(module: nn.Module) -> torch.device | None:
@@ -186,6 +207,7 @@ class GPTQPass:
         device = _resolve_device(ctx)
         self._device = device
         self._times: dict[str, float] = defaultdict(float)
+        self._experts_report: dict[str, dict] = {}
         layers_path, layers = find_decoder_layers(model)
         targets = {i: targeted_linears(layer) for i, layer in enumerate(layers)}
         n_targets = sum(len(t) for t in targets.values())
@@ -262,6 +284,8 @@ class GPTQPass:
             info["computed"].append(i)
             bar.update(1)
         bar.close()
+        if self._experts_report:
+            info["experts"] = {f"{layers_path}.{k}": v for k, v in self._experts_report.items()}
         info["gptq_seconds"] = time.perf_counter() - t_start
         info["time_breakdown"] = {k: round(v, 3) for k, v in self._times.items()}
         if device.type == "cuda":
@@ -379,37 +403,69 @@ class GPTQPass:
         return LayerInputs(outs, inputs.kwargs, inputs.kwarg_device)
 
     def _groups(self, layer, targets, inputs: LayerInputs, device) -> list[list[tuple[str, nn.Module]]]:
-        """Targeted linears grouped by shared input, in execution order (probe forward on one batch)."""
-        calls: list[tuple[str, nn.Module, torch.Tensor]] = []
+        """Targeted linears grouped by shared input, in execution order (probe forward on one batch). The two
+        projections of an experts module are one group of their own."""
+        calls: list[tuple[list, nn.Module, torch.Tensor]] = []
         seen: set[int] = set()
+        entries: dict[int, tuple[nn.Module, list]] = {}
+        for n, t in targets:
+            mod = _hooked_module(t)
+            entries.setdefault(id(mod), (mod, []))[1].append((n, t))
 
-        def hook_for(name):
+        def hook_for(members):
             def hook(module, args):
                 if id(module) not in seen:
                     seen.add(id(module))
-                    calls.append((name, module, args[0]))  # holding the tensor keeps `is` comparisons valid
+                    calls.append((members, module, args[0]))  # holding the tensor keeps `is` comparisons valid
             return hook
 
-        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets]
+        handles = [mod.register_forward_pre_hook(hook_for(members)) for mod, members in entries.values()]
         try:
             h, kw = next(iter(inputs.batches(device)))
             layer(h, **kw)
         finally:
             for hd in handles:
                 hd.remove()
-        missing = [n for n, m in targets if id(m) not in seen]
+        missing = [n for n, t in targets if id(_hooked_module(t)) not in seen]
         if missing:
             raise ModelError(f"GPTQ: linears {missing} were not called by their decoder layer's forward, so they "
                              f"have no calibration inputs; set gptq = false for them")
         groups: list[list[tuple[str, nn.Module]]] = []
         prev = None
-        for name, m, x in calls:
-            if prev is not None and x is prev:
-                groups[-1].append((name, m))
+        for members, m, x in calls:
+            experts = isinstance(members[0][1], ExpertsProjection)
+            if prev is not None and x is prev and not experts:
+                groups[-1] += members
             else:
-                groups.append([(name, m)])
-            prev = x
+                groups.append(list(members))
+            prev = None if experts else x
         return groups
+
+    def _run_through(self, layer, module: nn.Module, inputs: LayerInputs, device) -> None:
+        """Run ``layer`` on every calibration batch, stopping right after ``module``'s forward."""
+        def stop(*_):
+            raise _Stop
+
+        handle = module.register_forward_hook(stop)
+        try:
+            for h, kw in inputs.batches(device):
+                try:
+                    layer(h, **kw)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+
+    def _quantize_experts(self, index, layer, group, inputs, cfg, device) -> dict[str, tuple]:
+        """GPTQ per expert for one experts module (``group``: its two `ExpertsProjection` targets)."""
+        module = group[0][1].module
+        name = group[0][0].rpartition(".")[0]
+        with self._timed("experts"):
+            report = gptq_experts(module, lambda: self._run_through(layer, module, inputs, device),
+                                  percdamp=cfg.percdamp, act_order=cfg.act_order, clip=clip_objective(cfg),
+                                  min_tokens=cfg.experts_min_tokens, where=f"layer {index} {name}")
+        self._experts_report[f"{index}.{name}"] = report.as_dict()
+        return {n: (t, float(sum(report.proxy_loss[t.which]))) for n, t in group}
 
     def _hessians(self, layer, group, inputs: LayerInputs, device) -> dict[tuple, torch.Tensor]:
         """H = 2/N sum x x^T of each distinct prepared input of the group, over every calibration token."""
@@ -458,6 +514,11 @@ class GPTQPass:
             groups = self._groups(layer, targets, inputs, device)
         clip = clip_objective(cfg)
         for gi, group in enumerate(groups):
+            if isinstance(group[0][1], ExpertsProjection):
+                results.update(self._quantize_experts(index, layer, group, inputs, cfg, device))
+                if gi == 0:
+                    _test_hook("mid_layer", index)
+                continue
             with self._timed("hessians"):
                 hs = self._hessians(layer, group, inputs, device)
             # merge linears sharing H and spec into one GPTQ call (rows are independent given H)

@@ -1,4 +1,9 @@
-"""The swap pass: replace the modules a recipe selects with `LinearMX` / `AttentionMX`, in place.
+"""The swap pass: replace the modules a recipe selects with `LinearMX` / `AttentionMX` / `ExpertsMX`, in place.
+
+Kinds: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2) are "linear" (-> `LinearMX`); fused MoE experts (classes
+decorated with ``@use_experts_implementation``) are "experts" (-> `ExpertsMX`) and take a linear config, whose
+weight / data_in / bias specs apply to both the gate_up and the down projection of every expert. A MoE router is
+neither (an ``nn.Linear`` router is a linear).
 
 Modules are replaced with ``setattr`` on their parent; the new modules share the original parameters, so the model
 is not copied and keeps its device and dtype. An already swapped module is reconfigured, never wrapped twice, so
@@ -18,7 +23,8 @@ from torch import nn
 
 from ptq.config import AttentionQuantConfig, LinearQuantConfig
 from ptq.errors import ModelError
-from ptq.modules.linear import LinearMX, SharedInputMemo
+from ptq.modules.experts import ExpertsMX, check_experts_layout, is_experts_module
+from ptq.modules.linear import LinearMX, SharedInputMemo, is_conv1d
 from ptq.passes.base import PassContext, register_pass
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,11 +44,13 @@ def _config_label(cfg) -> str:
 
 
 def _kind(module: nn.Module) -> str | None:
-    """"linear" / "attention" for modules this pass can swap (or has swapped), None otherwise."""
+    """"linear" / "experts" / "attention" for modules this pass can swap (or has swapped), None otherwise."""
     from ptq.modules.attention import SUPPORTED_ATTENTION, AttentionMX
 
-    if isinstance(module, (nn.Linear, LinearMX)):
+    if isinstance(module, (nn.Linear, LinearMX)) or is_conv1d(module):
         return "linear"
+    if is_experts_module(module):
+        return "experts"
     if isinstance(module, AttentionMX) or type(module) in SUPPORTED_ATTENTION:
         return "attention"
     return None
@@ -68,14 +76,17 @@ def _plan_one(model: nn.Module, name: str, cfg) -> tuple[nn.Module, LinearQuantC
         if kind is None:
             return module, cfg, "skip"
         # a bypass carries no specs, so it fits either kind (the recipe cannot always tell which it selected)
-        cfg = LinearQuantConfig() if kind == "linear" else AttentionQuantConfig()
+        cfg = LinearQuantConfig() if kind in ("linear", "experts") else AttentionQuantConfig()
     cls_name = type(module).__name__
     if isinstance(cfg, LinearQuantConfig):
-        if kind != "linear":
+        if kind not in ("linear", "experts"):
             raise ModelError(
                 f"module {name!r} is a {cls_name}, but a linear config (weight / data_in / bias) applies only to "
-                f"nn.Linear (or LinearMX) modules; fix the selector so it matches linear layers only")
-        return module, cfg, "reconfigure" if isinstance(module, LinearMX) else "swap"
+                f"nn.Linear / Conv1D (or LinearMX) modules and fused MoE experts; fix the selector so it matches "
+                f"those only")
+        if kind == "experts" and not isinstance(module, ExpertsMX):
+            check_experts_layout(module)
+        return module, cfg, "reconfigure" if isinstance(module, (LinearMX, ExpertsMX)) else "swap"
     if kind != "attention":
         supported = ", ".join(c.__name__ for c in SUPPORTED_ATTENTION)
         raise ModelError(
@@ -99,7 +110,9 @@ def _apply_one(model: nn.Module, name: str, module: nn.Module, cfg, action: str)
     if action == "reconfigure":
         module.set_config(cfg)
         return module
-    if isinstance(cfg, LinearQuantConfig):
+    if isinstance(cfg, LinearQuantConfig) and is_experts_module(module):
+        new = ExpertsMX.from_experts(module, cfg)
+    elif isinstance(cfg, LinearQuantConfig):
         new = LinearMX.from_linear(module, cfg)
     else:
         new = AttentionMX.from_attention(module, cfg)
