@@ -154,11 +154,12 @@ FORMATS = ("compressed-tensors", "ptq")
 
 def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
                      progress: bool = True, format: str = "compressed-tensors", strict: bool = False,
-                     calibration: Any = None) -> dict:
+                     calibration: Any = None, max_shard_bytes: int | None = None) -> dict:
     """Write ``model`` (after the ptq passes) to ``out_dir``.
 
     ``format="compressed-tensors"`` (default): a Hugging Face directory that transformers / vLLM load with
-    compressed-tensors installed (see `ptq.export_ct`; ``strict`` and ``calibration`` are its options).
+    compressed-tensors installed (see `ptq.export_ct`; ``strict``, ``calibration`` and ``max_shard_bytes`` are its
+    options).
     ``format="ptq"``: ptq's own packed format (see the module docstring), which expresses every ptq quantizer.
 
     Returns a summary: ``packed`` (names), ``kept`` (layers not packed), ``bytes`` (weight file size),
@@ -170,10 +171,13 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer:
     if format == "compressed-tensors":
         from ptq.export_ct import export_compressed_tensors
 
+        from ptq.export_ct import DEFAULT_MAX_SHARD_BYTES
+
         return export_compressed_tensors(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, strict=strict,
-                                         calibration=calibration, progress=progress)
-    if strict or calibration is not None:
-        raise PtqError("strict= and calibration= apply to format='compressed-tensors' only (the ptq format "
+                                         calibration=calibration, progress=progress,
+                                         max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    if strict or calibration is not None or max_shard_bytes is not None:
+        raise PtqError("strict=, calibration= and max_shard_bytes= apply to format='compressed-tensors' only (the ptq format "
                        "expresses every quantizer exactly)")
     return _export_ptq(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, progress=progress)
 

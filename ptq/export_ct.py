@@ -213,12 +213,15 @@ def _source_weight(m) -> tuple[torch.Tensor, bool]:
 
 def _ct_dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, inv_global: torch.Tensor | None) -> torch.Tensor:
     """What compressed-tensors 0.20.1 decompresses an FP4 weight to (bfloat16), replicated for the exactness check:
-    bf16(q * (bf16(scale) / inv_global)) with the division in fp32 (scale / 1 for MXFP4)."""
+    bf16(q * (bf16(scale) / inv_global)) with the division in fp32 (no global scale for MXFP4, whose uint8 scale
+    codes decode to 2^(code - 127))."""
     from ptq.quantizers import unpack_nibbles
     from ptq.quantizers.codes import decode_minifloat
 
+    from ptq.quantizers.codes import e8m0_decode
+
     q = decode_minifloat(unpack_nibbles(packed), QuantSpec.mxfp("e2m1"))
-    s = scale.to(torch.bfloat16)
+    s = (e8m0_decode(scale) if scale.dtype == torch.uint8 else scale.to(torch.float32)).to(torch.bfloat16)
     block = q.shape[-1] // s.shape[-1]
     eff = s.to(torch.float32) / inv_global if inv_global is not None else s.to(torch.float32)
     return (q.view(*s.shape, block) * eff.unsqueeze(-1)).reshape(q.shape).to(torch.bfloat16)
