@@ -80,9 +80,8 @@ def _is_e2m1(spec: QuantSpec) -> bool:
 
 
 def _weight_args(spec: QuantSpec, in_features: int) -> tuple[str, dict | None, str | None]:
-    """(kind, QuantizationArgs, why-dense) for a weight spec."""
-    if spec.rounding == "stochastic":
-        pass  # the codes are stored, so how they were rounded does not matter
+    """(kind, QuantizationArgs, why-dense) for a weight spec; rounding modes do not matter (the codes are stored).
+    A quantized bias is stored as its quantized values, which is exact."""
     if spec.family == "nvfp4":
         if in_features % 16:
             return "dense", None, f"in_features {in_features} is not a multiple of NVFP4's 16"
@@ -169,8 +168,6 @@ def plan_export(model: nn.Module) -> Plan:
                     issues.append("float input activations with integer weights have no compressed-tensors "
                                   "compressor: dropped")
                     iargs = None
-        if cfg.bias is not None:
-            pass  # the bias is stored as its quantized values: exact
         lp = LayerPlan(name, kind, wargs, iargs, tuple(issues))
         plan.layers[name] = lp
         plan.issues.extend(f"{name}: {i}" for i in issues)
@@ -663,7 +660,7 @@ def load_compressed_tensors(path: str | os.PathLike, device: torch.device | str 
             if "bias" in local:
                 state["bias"] = local["bias"]
             _set_module(model, name, pl)
-            missing, unexpected = pl.load_state_dict(state, strict=True, assign=True)
+            pl.load_state_dict(state, strict=True, assign=True)
             continue
         if rot is not None:
             lin.set_rotation(rot, e.get("rotation_mode", "matched"))
