@@ -320,16 +320,12 @@ def test_cli_default_is_compressed_tensors_and_strict_fails(stories260k_path, tm
 
 def test_moe_experts_are_listed_not_silently_dropped(tmp_path):
     """compressed-tensors has no experts writer here: the export says so, and --strict refuses it."""
-    from families import tiny_model
+    from pathlib import Path
 
-    from ptq.errors import PtqError
-    from ptq.export import export_quantized
     from ptq.passes.swap import swap_modules
     from ptq.recipe import load_recipe
 
     model = tiny_model("mixtral")
-    from pathlib import Path
-
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mxfp4.toml")
     swap_modules(model, recipe.resolve(model, strict=True))
     with pytest.warns(UserWarning, match="fused MoE experts"):
