@@ -3,9 +3,12 @@
 Flow (``GPTQPass.run``):
 
 1. Calibration windows (``ptq.data.calibration_windows``, memoised in ``ctx.calibration``).
-2. Capture the inputs of decoder layer 0 (and its keyword arguments: position embeddings, mask, ...) by running the
-   model in ``cali_batch_size`` batches with a pre-hook on layer 0 that stops the forward there. Only the modules
-   outside the decoder layers and layer 0 are moved to ``ctx.device`` for this.
+2. Capture the inputs of decoder layer 0 and the keyword arguments of EVERY decoder layer (mask, position
+   embeddings, cache arguments: they differ between layers, e.g. Gemma 3's sliding and global layers) by running the
+   model in ``cali_batch_size`` batches with each decoder layer replaced by a recorder that stores its call and
+   passes the hidden states on without computing the layer (``_capture``). Only the modules outside the decoder
+   layers and layer 0 are moved to ``ctx.device`` for this. The decoder layers are found by structure
+   (``find_decoder_layers``).
 3. Open the checkpoint store (``checkpoint_dir``); finished layers are loaded and REPLAYED (run on the calibration
    inputs) to regenerate the inputs of the first unfinished layer: a resume never trusts stored activations.
 4. Per remaining layer, on ``ctx.device`` (the other layers stay where they were): find the groups of targeted
@@ -29,6 +32,7 @@ Test hook: ``PTQ_TEST_KILL_AT=mid_layer:<k>`` SIGKILLs the process after the fir
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -53,43 +57,174 @@ class _Stop(Exception):
 
 @dataclass
 class LayerInputs:
-    """Inputs of the current decoder layer for every calibration batch, and the layer's keyword arguments."""
+    """The inputs of decoder layer ``index`` for every calibration batch, and every layer's own keyword arguments.
+
+    ``calls[k][b]`` holds what the model passed decoder layer ``k`` for batch ``b`` besides the hidden states (mask,
+    position embeddings, cache arguments ...; positional extras are turned into keywords). Layers differ there (Gemma
+    3 sliding vs global layers get other masks and RoPE tables), so layer ``k`` is always run with its own. Tensors
+    shared between layers stay one object, and batches with equal contents share one copy (see `_SharedTensors`).
+    """
 
     hidden: list[torch.Tensor]  # one tensor per batch, on the work device
-    kwargs: dict[int, dict]  # batch size -> keyword arguments captured for that batch size
-    kwarg_device: dict[int, dict] = field(default_factory=dict)
+    calls: list[list[dict]]  # [layer][batch] -> keyword arguments of that layer's call
+    index: int = 0  # the decoder layer these hidden states are the input of
+    moved: dict = field(default_factory=dict)  # id(captured tensor) -> (captured, copy on the work device)
 
     def batches(self, device: torch.device):
-        for h in self.hidden:
-            b = h.shape[0]
-            if b not in self.kwarg_device:
-                self.kwarg_device[b] = _to_device(self.kwargs[b], device)
-            yield h, self.kwarg_device[b]
+        """(hidden, keyword arguments) of layer ``index``, batch by batch, on ``device``."""
+        for h, kw in zip(self.hidden, self.calls[self.index]):
+            yield h, _to_device(kw, device, self.moved)
+
+    def advance(self, hidden: list[torch.Tensor]) -> "LayerInputs":
+        """The inputs of the next layer, given this layer's outputs."""
+        return LayerInputs(hidden, self.calls, self.index + 1, self.moved)
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def _to_device(obj: Any, device: torch.device, moved: dict) -> Any:
+    """``obj`` with its tensors on ``device``; a tensor moved once is reused by identity (``moved``)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if obj.device == device:
+            return obj
+        hit = moved.get(id(obj))
+        if hit is None or hit[0] is not obj:
+            hit = moved[id(obj)] = (obj, obj.to(device))
+        return hit[1]
     if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
+        return tuple(_to_device(o, device, moved) for o in obj)
     if isinstance(obj, list):
-        return [_to_device(o, device) for o in obj]
+        return [_to_device(o, device, moved) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _to_device(v, device, moved) for k, v in obj.items()}
     return obj
 
 
+class _SharedTensors:
+    """Keeps one copy of equal keyword-argument tensors across calibration batches (masks, RoPE tables and position
+    ids usually repeat batch after batch). Only bit-identical tensors (``torch.equal``, same dtype / shape / device)
+    are merged, so every layer still gets exactly what the model gave it."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, torch.Tensor] = {}
+        self._by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+
+    def __call__(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            known = self._by_id.get(id(obj))
+            if known is obj:
+                return obj
+            pool = self._by_shape[(obj.dtype, tuple(obj.shape), obj.stride(), obj.device)]
+            for t in pool:
+                if torch.equal(t, obj):
+                    return t
+            pool.append(obj)
+            self._by_id[id(obj)] = obj
+            return obj
+        if isinstance(obj, tuple):
+            return tuple(self(o) for o in obj)
+        if isinstance(obj, list):
+            return [self(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self(v) for k, v in obj.items()}
+        return obj
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = getattr(text, attr, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder layers (``model.model.layers`` for the Llama family)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return path, obj
+    """The model's stack of decoder layers, found by structure: the outermost ``nn.ModuleList`` of blocks of one
+    class whose length is the config's number of layers (``num_hidden_layers`` / ``n_layer``), anywhere in the model
+    (``model.layers``, ``gpt_neox.layers``, ``transformer.h`` ...). Raises ``ModelError`` when there is none or more
+    than one."""
+    n = _num_layers(model)
+    if n is None:
+        raise ModelError(
+            f"GPTQ cannot find the decoder layers of {type(model).__name__}: its config has no num_hidden_layers / "
+            "n_layer to recognise them by; GPTQ supports Hugging Face causal LMs whose config has one")
+    stacks = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) == n and len({type(c) for c in m}) == 1]
+    outer = [(name, m) for name, m in stacks
+             if not any(other != name and name.startswith(other + ".") for other, _ in stacks)]
+    if len(outer) == 1:
+        return outer[0]
+    lists = [f"{name} ({len(m)} x {type(m[0]).__name__ if len(m) else '-'})" for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList)]
+    if not outer:
+        raise ModelError(
+            f"GPTQ cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList of {n} blocks of one "
+            f"class (config: {n} layers); module lists in the model: {', '.join(lists) or 'none'}")
     raise ModelError(
-        f"GPTQ cannot find the decoder layers of {type(model).__name__} (looked for model.layers, "
-        f"model.decoder.layers, transformer.h, layers); supported: Hugging Face Llama-family causal LMs")
+        f"GPTQ found several candidate decoder-layer stacks in {type(model).__name__} "
+        f"({', '.join(name for name, _ in outer)}; each {n} blocks of one class) and cannot tell which one the "
+        "language model runs; quantize the text model on its own")
+
+
+class _LayerRecorder(nn.Module):
+    """Stands in for decoder layer ``index`` during the capture: hands its call to ``on_call`` (which records it and
+    returns the hidden states unchanged in the layer's output structure) without computing the layer. Attribute
+    reads fall through to the real layer, so model code that asks a layer for e.g. its ``attention_type`` works."""
+
+    def __init__(self, layer: nn.Module, index: int, on_call) -> None:
+        super().__init__()
+        self.__dict__["_real"] = layer  # not a submodule: .to() / named_modules() must not see it twice
+        self.__dict__["_on_call"] = on_call
+        self.index = index
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
+
+    def forward(self, *args, **kwargs):
+        return self._on_call(self.index, args, kwargs)
+
+
+def _hidden_and_keywords(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """Split a decoder layer call into its hidden states and keyword arguments (positional extras named by the
+    layer's forward signature, e.g. GPT-2 passes the mask positionally)."""
+    kwargs = dict(kwargs)
+    if not args:
+        if "hidden_states" not in kwargs:
+            raise ModelError(f"{type(layer).__name__} was called without hidden states (no positional argument and "
+                             "no hidden_states=); GPTQ cannot tell which argument is the layer input")
+        return kwargs.pop("hidden_states"), kwargs
+    if len(args) > 1:
+        params = list(inspect.signature(layer.forward).parameters.values())
+        named = params[1 : len(args)]
+        if len(named) < len(args) - 1 or any(p.kind not in (p.POSITIONAL_OR_KEYWORD,) for p in named):
+            raise ModelError(
+                f"{type(layer).__name__}.forward takes {len(args)} positional arguments that cannot all be passed "
+                "by name; GPTQ needs the decoder layer's extra arguments as keywords")
+        for p, value in zip(named, args[1:]):
+            kwargs[p.name] = value
+    return args[0], kwargs
+
+
+def _output_template(out: Any) -> Any:
+    """What a decoder layer returns besides the hidden states: None for a bare tensor, else (type, the rest)."""
+    if isinstance(out, torch.Tensor):
+        return None
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return type(out), tuple(out[1:])
+    raise ModelError(f"a decoder layer returned {type(out).__name__}; GPTQ expects a tensor or a tuple whose first "
+                     "element is the hidden states")
+
+
+def _in_structure(hidden: torch.Tensor, template: Any) -> Any:
+    if template is None:
+        return hidden
+    kind, rest = template
+    return kind((hidden, *rest))
 
 
 def _is_target(m: nn.Module) -> bool:
@@ -336,37 +471,62 @@ class GPTQPass:
 
     # ---- layer plumbing ---------------------------------------------------------------------------------------------
     def _capture(self, model, layers, tokens, batch_size, device) -> LayerInputs:
-        """Inputs and keyword arguments of decoder layer 0 for every calibration batch."""
-        hidden: list[torch.Tensor] = []
-        kwargs: dict[int, dict] = {}
+        """The inputs of decoder layer 0 for every calibration batch, and every layer's keyword arguments.
 
-        def grab(module, args, kw):
-            h = args[0] if args else kw["hidden_states"]
-            hidden.append(h.detach())
-            rest = {k: v for k, v in kw.items() if k != "hidden_states"}
-            kwargs.setdefault(h.shape[0], rest)
-            raise _Stop
+        Each decoder layer is replaced by a `_LayerRecorder` for the duration: the model runs its embeddings and
+        whatever it computes per layer (masks, RoPE tables), each recorder stores its call and passes the hidden
+        states on untouched, and the last one ends the forward. The layers themselves are not computed, except layer
+        0 once on the first batch to learn the output structure (tensor or tuple) the model expects back."""
+        n = len(layers)
+        hidden: list[torch.Tensor] = []
+        calls: list[list[dict]] = [[] for _ in range(n)]
+        shared = _SharedTensors()
+        first = layers[0]
+        state: dict[str, Any] = {"template": "unknown", "passed": None}
+
+        def on_call(k: int, args: tuple, kwargs: dict):
+            h, kw = _hidden_and_keywords(first, args, kwargs)
+            if k == 0:
+                hidden.append(h.detach())
+                if state["template"] == "unknown":
+                    state["template"] = _output_template(first(h, **kw))
+            elif h is not state["passed"]:
+                raise ModelError(
+                    f"{type(model).__name__} changes the hidden states between decoder layers {k - 1} and {k} (layer "
+                    f"{k} did not get layer {k - 1}'s output); GPTQ runs the layers one after the other and cannot "
+                    "reproduce that")
+            calls[k].append(shared(kw))
+            if k == n - 1:
+                raise _Stop
+            state["passed"] = h
+            return _in_structure(h, state["template"])
 
         moved = _move_outside_layers(model, layers, device)
-        first = layers[0]
         old = _module_devices(first)
         first.to(device)
-        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        real = list(layers)
+        for k in range(n):
+            layers[k] = _LayerRecorder(real[k], k, on_call)
         try:
             for b in range(0, tokens.shape[0], batch_size):
+                state["passed"] = None
                 try:
                     model(input_ids=tokens[b : b + batch_size].to(device), use_cache=False)
                 except _Stop:
                     pass
         finally:
-            handle.remove()
+            for k in range(n):
+                layers[k] = real[k]
             if old is not None:
                 first.to(old)
             for m, dev in moved:
                 m.to(dev)
-        if len(hidden) != -(-tokens.shape[0] // batch_size):
-            raise ModelError(f"{type(model).__name__}'s forward did not reach decoder layer 0 for every batch")
-        return LayerInputs(hidden, kwargs)
+        batches = -(-tokens.shape[0] // batch_size)
+        reached = [k for k in range(n) if len(calls[k]) != batches]
+        if len(hidden) != batches or reached:
+            raise ModelError(f"{type(model).__name__}'s forward did not call every decoder layer once per "
+                             f"calibration batch (layers {reached or [0]} were not reached {batches} times)")
+        return LayerInputs(hidden, calls)
 
     def _run_layer(self, layer, inputs: LayerInputs, device) -> LayerInputs:
         old = _module_devices(layer)
@@ -376,7 +536,7 @@ class GPTQPass:
         finally:
             if old is not None:
                 layer.to(old)
-        return LayerInputs(outs, inputs.kwargs, inputs.kwarg_device)
+        return inputs.advance(outs)
 
     def _groups(self, layer, targets, inputs: LayerInputs, device) -> list[list[tuple[str, nn.Module]]]:
         """Targeted linears grouped by shared input, in execution order (probe forward on one batch)."""
