@@ -26,6 +26,8 @@ class PassContext:
     resume: reuse checkpoints / caches whose fingerprint matches (False: refuse to touch existing ones).
     calibration: memo of tokenised calibration windows keyed by their request, so passes asking for the same
         windows share one copy.
+    weights: layer-by-layer mode: the model is a skeleton on the meta device and its decoder layers' weights are
+        read from these checkpoint shards (``ptq.layerwise.ShardedWeights``) when a pass reaches them.
     """
 
     tokenizer: Any = None
@@ -34,6 +36,7 @@ class PassContext:
     progress: bool = True
     resume: bool = True
     calibration: dict = field(default_factory=dict)
+    weights: Any = None
 
 
 class Pass(Protocol):

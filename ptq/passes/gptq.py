@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from ptq import distributed
 from ptq.errors import CheckpointError, ModelError, PtqError
 from ptq.gptq import HessianError, gptq_quantize
 from ptq.passes.base import PassContext, register_pass
@@ -270,9 +271,10 @@ def _layer_output(out: Any) -> torch.Tensor:
 
 
 def _resolve_device(ctx: PassContext) -> torch.device:
-    if ctx.device is not None:
-        return torch.device(ctx.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(ctx.device if ctx.device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:  # under torchrun: this rank's GPU (set by the launcher code)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _ptq_version() -> str:
@@ -300,6 +302,12 @@ class GPTQPass:
     def wanted(self, recipe: "Recipe") -> bool:
         return recipe.gptq is not None
 
+    def __init__(self) -> None:
+        self._device = torch.device("cpu")
+        self._times: dict[str, float] = defaultdict(float)
+        self._weights = None  # ptq.layerwise.ShardedWeights in layer-by-layer mode (ctx.weights), else None
+        self._layers_path = ""
+
     # ---- entry ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, model: nn.Module, recipe: "Recipe", ctx: PassContext) -> dict:
@@ -320,8 +328,10 @@ class GPTQPass:
         t_start = time.perf_counter()
         device = _resolve_device(ctx)
         self._device = device
-        self._times: dict[str, float] = defaultdict(float)
+        self._times = defaultdict(float)
+        self._weights = getattr(ctx, "weights", None)
         layers_path, layers = find_decoder_layers(model)
+        self._layers_path = layers_path
         targets = {i: targeted_linears(layer) for i, layer in enumerate(layers)}
         n_targets = sum(len(t) for t in targets.values())
         inside = {id(m) for t in targets.values() for _, m in t}
@@ -334,74 +344,144 @@ class GPTQPass:
             raise ModelError(
                 "[gptq] is set but no swapped linear has gptq = true and a weight spec: add `gptq = true` (and "
                 "weight_width) to the selectors of the linears GPTQ should quantize, or remove [gptq]")
+        lazy = self._weights is not None
+        if lazy and not cfg.checkpoint_dir:
+            raise PtqError("layer-by-layer GPTQ keeps no finished layer in memory: its results live only in the "
+                           "checkpoint store, so [gptq].checkpoint_dir must be set")
+        if not lazy and any(p.is_meta for p in model.parameters()):
+            raise ModelError("the model has weights on the meta device (a skeleton): load it with "
+                             "ptq.layerwise.load_skeleton and pass its weights as PassContext(weights=...)")
         with self._timed("calibration_data"):
             tokens, data_fp = self._calibration(model, cfg, ctx)
-        store = None
-        if cfg.checkpoint_dir:
-            with self._timed("fingerprint"):
-                fingerprint = {
-                    "model": self._model_fingerprint(model),
-                    "recipe": self._recipe_fingerprint(model, cfg),
-                    "data": data_fp,
-                    "version": _ptq_version(),
-                }
-                store = CheckpointStore.open(cfg.checkpoint_dir, fingerprint, len(layers), resume=ctx.resume)
+        bs = cfg.cali_batch_size
+        n_batches = -(-tokens.shape[0] // bs)
+        world = distributed.world_size()
+        if n_batches < world:
+            raise PtqError(f"GPTQ has {n_batches} calibration batches (nsamples {tokens.shape[0]} / cali_batch_size "
+                           f"{bs}) for {world} ranks; every rank needs one: raise [gptq].nsamples or lower "
+                           "cali_batch_size or the number of ranks")
+        mine = distributed.my_share(n_batches)
+        my_tokens = torch.cat([tokens[b * bs : (b + 1) * bs] for b in mine])
+        store = self._open_store(model, cfg, ctx, data_fp, len(layers)) if cfg.checkpoint_dir else None
         start = store.finished if store is not None else 0
         info: dict[str, Any] = {"layers": len(layers), "modules": n_targets, "loaded": [], "computed": [],
                                 "checkpoint_dir": cfg.checkpoint_dir, "resumed_at": start,
-                                "clip_search": clip_objective(cfg), "proxy_loss": {}}
-        from tqdm.auto import tqdm
-
-        for i in range(start):
-            saved = store.load_layer(i)
-            for name, m in targets[i]:
-                key = f"{layers_path}.{i}.{name}"
-                if key not in saved:
-                    raise CheckpointError(
-                        f"checkpoint layer {i} in {cfg.checkpoint_dir} has no weights for {key}: it does not "
-                        f"match this model. Delete {cfg.checkpoint_dir} or set [gptq].checkpoint_dir to a new "
-                        "directory to start over")
-                m.set_quantized_weight(saved[key])
-            info["loaded"].append(i)
-        if start == len(layers):
-            info["gptq_seconds"] = time.perf_counter() - t_start
-            return info
-        with self._timed("capture"):
-            inputs = self._capture(model, layers, tokens, cfg.cali_batch_size, device)
-        # replay: regenerate the first unfinished layer's inputs from the stored weights, never from stored activations
-        if start:
-            for i in tqdm(range(start), desc=f"GPTQ: replaying {start} checkpointed layers", unit="layer",
-                          disable=not ctx.progress):
-                with self._timed("replay"):
-                    inputs = self._run_layer(layers[i], inputs, device)
-        bar = tqdm(total=len(layers), initial=start, disable=not ctx.progress, unit="layer",
-                   desc="GPTQ" + (f" (resumed at layer {start})" if start else ""))
-        for i in range(start, len(layers)):
-            layer = layers[i]
-            old = _module_devices(layer)
-            layer.to(device)
-            try:
-                results = self._quantize_layer(i, layer, targets[i], inputs, cfg, device)
-                if i + 1 < len(layers):
-                    with self._timed("layer_outputs"):
-                        inputs = self._run_layer(layer, inputs, device)
-            finally:
-                if old is not None:
-                    layer.to(old)
-            for name, (m, loss) in results.items():
-                info["proxy_loss"][f"{layers_path}.{i}.{name}"] = loss
-            if store is not None:
-                with self._timed("checkpoint"):
-                    store.save_layer(i, {f"{layers_path}.{i}.{n}": m.effective_weight()
-                                         for n, (m, _) in results.items()})
-            info["computed"].append(i)
-            bar.update(1)
-        bar.close()
+                                "clip_search": clip_objective(cfg), "proxy_loss": {}, "world_size": world,
+                                "layer_by_layer": lazy,
+                                "tokens_per_rank": distributed.all_gather_object(int(my_tokens.numel()),
+                                                                                 "sharing the calibration counts")}
+        try:
+            self._layers(model, layers, targets, store, start, my_tokens, cfg, ctx, info)
+        except distributed.PeerFailure as err:
+            done = start + len(info["computed"])
+            where = f"the checkpoints in {cfg.checkpoint_dir}" if store is not None else "nothing (no checkpoint_dir)"
+            raise distributed.PeerFailure(
+                f"{err}. GPTQ stopped at layer {done}; {done} finished layers are kept in {where}: run the same "
+                "command again to resume from there") from err
         info["gptq_seconds"] = time.perf_counter() - t_start
         info["time_breakdown"] = {k: round(v, 3) for k, v in self._times.items()}
         if device.type == "cuda":
             info["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         return info
+
+    def _open_store(self, model, cfg, ctx, data_fp, n_layers) -> CheckpointStore:
+        """Rank 0 creates or verifies the checkpoint directory; the other ranks then open what it vouched for."""
+        if distributed.is_main():
+            try:
+                with self._timed("fingerprint"):
+                    fingerprint = {
+                        "model": (self._weights.digest_like(model) if self._weights is not None
+                                  else self._model_fingerprint(model)),
+                        "recipe": self._recipe_fingerprint(model, cfg),
+                        "data": data_fp,
+                        "version": _ptq_version(),
+                    }
+                    store = CheckpointStore.open(cfg.checkpoint_dir, fingerprint, n_layers, resume=ctx.resume)
+            except PtqError as err:
+                distributed.broadcast_object(("error", str(err)), 0, "opening the checkpoint store")
+                raise
+            distributed.broadcast_object(("ok", fingerprint), 0, "opening the checkpoint store")
+            return store
+        status, payload = distributed.broadcast_object(None, 0, "opening the checkpoint store")
+        if status == "error":
+            raise CheckpointError(f"rank 0 refused the checkpoint store: {payload}")
+        return CheckpointStore.open(cfg.checkpoint_dir, payload, n_layers, resume=True)
+
+    def _layers(self, model, layers, targets, store, start, tokens, cfg, ctx, info) -> None:
+        """Load or replay the finished layers, then quantize the others one by one."""
+        from tqdm.auto import tqdm
+
+        device, path, lazy = self._device, self._layers_path, self._weights is not None
+        show = ctx.progress and distributed.is_main()
+        if not lazy:
+            for i in range(start):
+                self._apply_saved(store, i, targets[i], cfg)
+                info["loaded"].append(i)
+        if start == len(layers):
+            if lazy:
+                info["loaded"] = list(range(start))
+            return
+        with self._timed("capture"):
+            inputs = self._capture(model, layers, tokens, cfg.cali_batch_size, device)
+        # replay: regenerate the first unfinished layer's inputs from the stored weights, never from stored activations
+        for i in tqdm(range(start), desc=f"GPTQ: replaying {start} checkpointed layers", unit="layer",
+                      disable=not show or not start):
+            with self._timed("replay"), self._resident(layers[i], i):
+                if lazy:
+                    self._apply_saved(store, i, targets[i], cfg)
+                    info["loaded"].append(i)
+                inputs = self._run_layer(layers[i], inputs, device)
+        bar = tqdm(total=len(layers), initial=start, disable=not show, unit="layer",
+                   desc="GPTQ" + (f" (resumed at layer {start})" if start else ""))
+        for i in range(start, len(layers)):
+            layer = layers[i]
+            with self._resident(layer, i):
+                results = self._quantize_layer(i, layer, targets[i], inputs, cfg, device)
+                if i + 1 < len(layers):
+                    with self._timed("layer_outputs"):
+                        inputs = self._run_layer(layer, inputs, device)
+                for name, (m, loss) in results.items():
+                    info["proxy_loss"][f"{path}.{i}.{name}"] = loss
+                if store is not None and distributed.is_main():
+                    with self._timed("checkpoint"):
+                        store.save_layer(i, {f"{path}.{i}.{n}": m.effective_weight() for n, (m, _) in results.items()})
+            info["computed"].append(i)
+            bar.update(1)
+        bar.close()
+
+    def _apply_saved(self, store, i, targets, cfg) -> None:
+        saved = store.load_layer(i)
+        for name, m in targets:
+            key = f"{self._layers_path}.{i}.{name}"
+            if key not in saved:
+                raise CheckpointError(
+                    f"checkpoint layer {i} in {cfg.checkpoint_dir} has no weights for {key}: it does not "
+                    f"match this model. Delete {cfg.checkpoint_dir} or set [gptq].checkpoint_dir to a new "
+                    "directory to start over")
+            m.set_quantized_weight(saved[key])
+
+    @contextmanager
+    def _resident(self, layer: nn.Module, index: int):
+        """Decoder layer ``index`` on the work device for the duration: moved there and back, or in layer-by-layer
+        mode read from the checkpoint shards onto the device and dropped afterwards (its parameters back on meta;
+        its GPTQ weights are in the checkpoint store by then)."""
+        if self._weights is None:
+            old = _module_devices(layer)
+            layer.to(self._device)
+            try:
+                yield layer
+            finally:
+                if old is not None:
+                    layer.to(old)
+            return
+        from ptq.layerwise import release
+
+        with self._timed("load_layer"):
+            self._weights.load_into(layer, f"{self._layers_path}.{index}.", self._device)
+        try:
+            yield layer
+        finally:
+            release(layer)
 
     @contextmanager
     def _timed(self, what: str):
@@ -502,23 +582,20 @@ class GPTQPass:
             return _in_structure(h, state["template"])
 
         moved = _move_outside_layers(model, layers, device)
-        old = _module_devices(first)
-        first.to(device)
         real = list(layers)
         for k in range(n):
             layers[k] = _LayerRecorder(real[k], k, on_call)
         try:
-            for b in range(0, tokens.shape[0], batch_size):
-                state["passed"] = None
-                try:
-                    model(input_ids=tokens[b : b + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
+            with self._resident(first, 0):
+                for b in range(0, tokens.shape[0], batch_size):
+                    state["passed"] = None
+                    try:
+                        model(input_ids=tokens[b : b + batch_size].to(device), use_cache=False)
+                    except _Stop:
+                        pass
         finally:
             for k in range(n):
                 layers[k] = real[k]
-            if old is not None:
-                first.to(old)
             for m, dev in moved:
                 m.to(dev)
         batches = -(-tokens.shape[0] // batch_size)
@@ -529,14 +606,8 @@ class GPTQPass:
         return LayerInputs(hidden, calls)
 
     def _run_layer(self, layer, inputs: LayerInputs, device) -> LayerInputs:
-        old = _module_devices(layer)
-        layer.to(device)
-        try:
-            outs = [_layer_output(layer(h, **kw)).detach() for h, kw in inputs.batches(device)]
-        finally:
-            if old is not None:
-                layer.to(old)
-        return inputs.advance(outs)
+        """The layer's outputs for every batch (the layer is already on ``device``: see `_resident`)."""
+        return inputs.advance([_layer_output(layer(h, **kw)).detach() for h, kw in inputs.batches(device)])
 
     def _groups(self, layer, targets, inputs: LayerInputs, device) -> list[list[tuple[str, nn.Module]]]:
         """Targeted linears grouped by shared input, in execution order (probe forward on one batch)."""
@@ -572,7 +643,11 @@ class GPTQPass:
         return groups
 
     def _hessians(self, layer, group, inputs: LayerInputs, device) -> dict[tuple, torch.Tensor]:
-        """H = 2/N sum x x^T of each distinct prepared input of the group, over every calibration token."""
+        """H = 2/N sum x x^T of each distinct prepared input of the group, over every calibration token of every rank.
+
+        Each batch's x^T x is an fp32 GEMM; the batches are summed in fp64 (exact for the magnitudes that occur), so
+        the result does not depend on how batches are split over ranks or in which order they are summed, and the
+        ranks' sums are all-reduced before scaling."""
         sums: dict[tuple, torch.Tensor] = {}
         counts: dict[tuple, int] = {}
         keys = {id(m): self._input_key(m) for _, m in group}
@@ -585,9 +660,9 @@ class GPTQPass:
                 state["done"].add(k)
                 x = module.prepare_input(args[0]).reshape(-1, args[0].shape[-1]).float()
                 if k not in sums:
-                    sums[k] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+                    sums[k] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                     counts[k] = 0
-                sums[k].addmm_(x.T, x)
+                sums[k] += x.T @ x
                 counts[k] += x.shape[0]
             if module is last:
                 raise _Stop
@@ -603,7 +678,33 @@ class GPTQPass:
         finally:
             for hd in handles:
                 hd.remove()
-        return {k: s * (2.0 / counts[k]) for k, s in sums.items()}
+        out = {}
+        for k, total in sums.items():  # same insertion order on every rank: the same forward ran
+            n = distributed.all_reduce_sum(torch.tensor([counts[k]], dtype=torch.float64, device=total.device),
+                                           f"summing calibration token counts (layer {inputs.index})")
+            distributed.all_reduce_sum(total, f"summing Hessians (layer {inputs.index})")
+            out[k] = (total * (2.0 / float(n[0]))).to(torch.float32)
+        return out
+
+    def _solve(self, weight: torch.Tensor, hessian: torch.Tensor, spec, cfg, clip) -> torch.Tensor:
+        """GPTQ of ``weight`` (the quantized weight). Rows are independent given H, so under torchrun each rank
+        solves its own slice of rows (nvfp4's per-tensor scale taken from the whole weight) and broadcasts it."""
+        kw = dict(percdamp=cfg.percdamp, act_order=cfg.act_order, clip=clip)
+        world = distributed.world_size()
+        rows = weight.shape[0]
+        if world == 1 or rows < world:
+            return gptq_quantize(weight, hessian, spec, **kw).weight
+        if spec.family == "nvfp4":
+            from ptq.quantizers import nvfp4_global_scale
+
+            kw["global_scale"] = nvfp4_global_scale(weight.float())
+        cuts = [rows * r // world for r in range(world + 1)]
+        out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        me = distributed.rank()
+        out[cuts[me] : cuts[me + 1]] = gptq_quantize(weight[cuts[me] : cuts[me + 1]], hessian, spec, **kw).weight
+        for src in range(world):
+            distributed.broadcast(out[cuts[src] : cuts[src + 1]], src, f"sharing GPTQ rows {cuts[src]}-{cuts[src + 1]}")
+        return out
 
     @staticmethod
     def _input_key(m) -> tuple:
@@ -631,12 +732,11 @@ class GPTQPass:
                 ws = [m.weight_to_quantize().to(device) for _, m in mods]
                 try:
                     with self._timed("solve"):
-                        res = gptq_quantize(torch.cat(ws, 0), hs[key[0]], key[1], percdamp=cfg.percdamp,
-                                            act_order=cfg.act_order, clip=clip)
+                        qw = self._solve(torch.cat(ws, 0), hs[key[0]], key[1], cfg, clip)
                 except HessianError as err:
                     names = ", ".join(f"layer {index} {n}" for n, _ in mods)
                     raise HessianError(f"{names}: {err}") from None
-                q = res.weight.split([w.shape[0] for w in ws], 0)
+                q = qw.split([w.shape[0] for w in ws], 0)
                 for (name, m), qi, wi in zip(mods, q, ws):
                     m.set_quantized_weight(qi)
                     d = (wi - qi)
