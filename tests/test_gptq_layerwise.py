@@ -44,6 +44,7 @@ def recipe(tmp_path, name, checkpoint_dir, **extra):
         ['model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj']
         gptq = true
         """))
+    return p
 
 
 def o_proj_recipe(tmp_path, checkpoint_dir):
@@ -61,7 +62,6 @@ def o_proj_recipe(tmp_path, checkpoint_dir):
         weight_block_size = 32
         gptq = true
         """))
-    return p
     return p
 
 

@@ -19,6 +19,16 @@ Flow (``GPTQPass.run``):
    quantized earlier ones. Then run the finished layer to produce the next layer's inputs, save the checkpoint and
    move the layer back.
 
+Under torchrun (``ptq.distributed``): each rank captures and runs its own share of the calibration batches; the
+per-batch x^T x are summed in fp64 and all-reduced, so every rank holds the Hessian one process would have; each
+GPTQ solve is split by rows over the ranks (rows are independent given H) and the slices are broadcast, so every rank
+ends each group with the same weights; rank 0 writes the checkpoints. A collective that fails (a dead rank) raises
+``PeerFailure`` naming the layer to resume from.
+
+Layer by layer (``ctx.weights``, see ``ptq.layerwise``): the model is a meta-device skeleton; `_resident` reads each
+decoder layer from the checkpoint shards onto the work device when its turn comes (replays included) and drops it
+after its checkpoint is written, so finished layers live only in the checkpoint store.
+
 Which linears: ``LinearMX`` modules whose config has ``gptq = true`` and a weight spec. Linears in one group with
 the same Hessian and spec are quantized in one call (rows are independent given H); nvfp4 weights are not merged
 because their global scale is per tensor.
