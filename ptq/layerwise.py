@@ -140,7 +140,7 @@ def release(module: nn.Module) -> None:
             m.clear_quantized_weight()
             if m.input_memo is not None:
                 m.input_memo.clear()
-    seen: dict[int, nn.Parameter] = {}
+    seen: dict[int, torch.Tensor] = {}
     for mod in module.modules():
         for leaf, p in list(mod._parameters.items()):
             if p is None or p.is_meta:
@@ -148,6 +148,9 @@ def release(module: nn.Module) -> None:
             if id(p) not in seen:
                 seen[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
             mod._parameters[leaf] = seen[id(p)]
+        for leaf, b in list(mod._buffers.items()):  # persistent buffers came from the checkpoint: drop them too
+            if b is not None and not b.is_meta and leaf not in mod._non_persistent_buffers_set:
+                mod._buffers[leaf] = seen.setdefault(id(b), torch.empty(b.shape, dtype=b.dtype, device="meta"))
 
 
 def _outer_parameter_names(model: nn.Module, layers_path: str) -> Iterator[str]:

@@ -488,10 +488,17 @@ class GPTQPass:
 
         with self._timed("load_layer"):
             self._weights.load_into(layer, f"{self._layers_path}.{index}.", self._device)
+        # buffers computed at construction (kept on the CPU by the skeleton) visit the device with the layer
+        visiting = [(mod, n, b) for mod in layer.modules() for n, b in mod._buffers.items()
+                    if b is not None and not b.is_meta and b.device != self._device]
+        for mod, n, b in visiting:
+            mod._buffers[n] = b.to(self._device)
         try:
             yield layer
         finally:
             release(layer)
+            for mod, n, b in visiting:
+                mod._buffers[n] = b
 
     @contextmanager
     def _timed(self, what: str):
