@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything we measure on the GPU machine, in one place (see ../shared/gpu/README.md for staging the model/data).
 # Usage on the device, from the repo root:  source .assets/b/device_setup.sh && bash bench/gpu_all.sh PART
-#   PARTS: any of tests table forward (+ host_overhead) gptq hadamard packed kernels (default all).  Logs and tables go under $OUT (default ./gpu-out).
+#   PARTS: any of tests table forward (+ host_overhead) gptq scale hadamard packed kernels (default all).  Logs and tables go under $OUT (default ./gpu-out).
 set -uo pipefail
 OUT="${OUT:-gpu-out}"; mkdir -p "$OUT"
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
@@ -13,6 +13,7 @@ want table && run table 540 python -m ptq.cli table --model "$PTQ_SMOLLM2" --dty
 want forward && run forward 150 python bench/forward.py --ppl
 want forward && run host_overhead 60 python bench/host_overhead.py
 want gptq && run gptq 200 python bench/gptq.py
+want scale && run scale 1800 python bench/scale.py
 want hadamard && run hadamard 240 python bench/hadamard.py --quick --search
 want packed && run packed 150 python bench/packed_matmul.py --quick
 want kernels && run kernels 300 python bench/kernels.py --json "$OUT/kernels.json"

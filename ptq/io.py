@@ -72,20 +72,23 @@ def digest_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             # Raw bytes via a uint8 view: works for every dtype (bf16, fp8) without a lossy conversion.
-            h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # no bytes copy
     return h.hexdigest()
 
 
-def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
+def model_fingerprint(model: torch.nn.Module, resolve=None) -> dict[str, str]:
     """Digests of the model's config and of its parameters and buffers (names, dtypes, shapes, bytes).
 
-    Tied weights are hashed once (``state_dict`` keeps duplicates; ``named_parameters`` does not)."""
+    Tied weights are hashed once (``state_dict`` keeps duplicates; ``named_parameters`` does not). ``resolve(name,
+    tensor)``, when given, supplies each tensor's contents (a skeleton's meta tensors read from its checkpoint, one
+    at a time)."""
     config = getattr(model, "config", None)
     cfg = config.to_dict() if hasattr(config, "to_dict") else {}
     for volatile in ("_name_or_path", "transformers_version", "_attn_implementation_autoset"):
         cfg.pop(volatile, None)
     named = list(model.named_parameters()) + list(model.named_buffers())
-    return {"config": digest_json(cfg), "weights": digest_tensors(named)}
+    tensors = named if resolve is None else ((n, resolve(n, t)) for n, t in named)
+    return {"config": digest_json(cfg), "weights": digest_tensors(tensors)}
 
 
 def _fsync_dir(directory: Path) -> None:

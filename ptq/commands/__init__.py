@@ -32,17 +32,67 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    "quantization coverage of the decoder, is an error instead of a warning")
 
 
+def add_layer_by_layer_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layer-by-layer", choices=("auto", "on", "off"), default="auto",
+                   help="build the model on the meta device and read each decoder layer from the safetensors shards "
+                   "only when GPTQ reaches it (peak CPU memory: about two layers plus embeddings and head; the "
+                   "results stay in [gptq].checkpoint_dir). auto (default): when the checkpoint (times the number of "
+                   "torchrun processes) does not fit in 80%% of the available memory")
+
+
+def _layer_by_layer(args, recipe) -> bool:
+    """Whether to load ``args.model`` as a skeleton (see ``ptq.layerwise``); refuses recipes that need the whole
+    model."""
+    from pathlib import Path
+
+    from ptq import distributed
+    from ptq.errors import PtqError
+    from ptq.layerwise import needs_layer_by_layer
+
+    mode = getattr(args, "layer_by_layer", "off")
+    local = Path(str(args.model)).expanduser().is_dir()
+    if mode == "off" or (mode == "auto" and not (local and needs_layer_by_layer(
+            args.model, processes=max(1, distributed.world_size())))):
+        return False
+    if not local:
+        raise PtqError(f"--layer-by-layer on needs a local model directory with safetensors shards, got {args.model}")
+    if recipe.gptq is None or recipe.rotation_search is not None or not recipe.gptq.checkpoint_dir:
+        raise PtqError(
+            f"{'the model does not fit in memory and ' if mode == 'auto' else ''}layer-by-layer mode runs swap + "
+            "GPTQ only, keeping the results in [gptq].checkpoint_dir: the recipe needs [gptq] with checkpoint_dir "
+            "and no [rotation_search]" + (" (or pass --layer-by-layer off)" if mode == "auto" else ""))
+    if mode == "auto":
+        import sys
+
+        print("ptq: the model does not fit in memory: loading it layer by layer (--layer-by-layer off to refuse)",
+              file=sys.stderr)
+    return True
+
+
 def load_and_quantize(args):
     """Validate the recipe (before the slow model load), load the model, run the passes.
 
-    Returns (model, tokenizer, recipe, info)."""
+    Returns (model, tokenizer, recipe, info); in layer-by-layer mode the model is a skeleton whose decoder layers
+    are on the meta device (their GPTQ weights are in the checkpoint store)."""
+    import os
+
     from ptq.models import load_model
-    from ptq.passes.pipeline import quantize_module_transform_pass
+    from ptq.passes.base import PassContext
+    from ptq.passes.pipeline import _default_device, quantize_module_transform_pass
     from ptq.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    model, info = quantize_module_transform_pass(model, recipe, tokenizer=tokenizer, device=args.device,
-                                                 progress=args.progress, resume=args.resume,
-                                                 strict=args.strict)
+    weights = None
+    if _layer_by_layer(args, recipe):
+        from ptq.layerwise import load_skeleton
+
+        model, tokenizer, weights = load_skeleton(args.model, dtype=args.dtype)
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+    import torch
+
+    ctx = PassContext(tokenizer=tokenizer, device=torch.device(args.device) if args.device else _default_device(),
+                      data_dir=os.environ.get("PTQ_DATA_DIR"), progress=args.progress, resume=args.resume,
+                      weights=weights, strict=args.strict)
+    model, info = quantize_module_transform_pass(model, recipe, ctx=ctx)
     return model, tokenizer, recipe, info

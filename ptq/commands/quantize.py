@@ -5,17 +5,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ptq.commands import add_parser, add_quantize_arguments, load_and_quantize
+from ptq.commands import add_layer_by_layer_argument, add_parser, add_quantize_arguments, load_and_quantize
 
 EPILOG = """\
 examples:
   ptq quantize --model ../shared/models/stories260k --recipe recipes/w4a4kv4.toml
   ptq quantize --model smollm2-135m --recipe recipes/w4a4kv4_gptq.toml --out out/gptq --device cuda --dtype bf16
+  torchrun --nproc-per-node 8 -m ptq.cli quantize --model DIR --recipe recipes/w4a4kv4_gptq.toml --out out/gptq
+      (data-parallel GPTQ: calibration batches split over the ranks, statistics all-reduced, rank 0 writes)
 
 --out DIR writes (each file atomically):
   DIR/model.safetensors   the model's state dict after the passes (fake-quantized modules keep their parameters)
   DIR/recipe.toml         the merged recipe that was applied (extends resolved)
   DIR/info.json           what each pass did, with timings
+In layer-by-layer mode the GPTQ weights are in [gptq].checkpoint_dir (one safetensors file per decoder layer) and
+model.safetensors is not written (the whole model is never in memory).
 """
 
 
@@ -25,6 +29,7 @@ def register(subparsers) -> None:
                    "print what each did. GPTQ checkpoints and rotation caches named in the recipe are reused when "
                    "their fingerprint matches (see --no-resume).", epilog=EPILOG)
     add_quantize_arguments(p)
+    add_layer_by_layer_argument(p)
     p.add_argument("--out", metavar="DIR", help="write model.safetensors, recipe.toml and info.json here")
     p.set_defaults(func=run)
 
@@ -57,11 +62,20 @@ def untied_state_dict(model) -> dict:
 
 
 def run(args) -> int:
-    from ptq import __version__
+    from ptq import distributed
+
+    with distributed.process_group_from_env(args.device):
+        return _run(args)
+
+
+def _run(args) -> int:
+    from ptq import __version__, distributed
     from ptq.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
     from ptq.recipe import save_recipe
 
     model, _, recipe, info = load_and_quantize(args)
+    if not distributed.is_main():  # rank 0 reports and writes
+        return 0
     for name, pinfo in info.items():
         summary = ", ".join(f"{k}={v}" for k, v in pinfo.items() if isinstance(v, (int, float, str, bool)))
         print(f"{name}: {summary}")
@@ -73,9 +87,13 @@ def run(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"ptq_version": __version__, "model": str(args.model), "recipe": str(Path(args.recipe).name)}
-        atomic_save_safetensors(untied_state_dict(model), out / "model.safetensors", metadata=meta)
+        skeleton = any(p.is_meta for p in model.parameters())
+        if not skeleton:
+            atomic_save_safetensors(untied_state_dict(model), out / "model.safetensors", metadata=meta)
         atomic_write_text(out / "recipe.toml", save_recipe(recipe))
         atomic_write_json(out / "info.json", jsonable({"model": str(args.model), "ptq_version": __version__,
                                                        "passes": info}))
-        print(f"wrote {out / 'model.safetensors'}, recipe.toml, info.json", file=sys.stderr)
+        wrote = "recipe.toml, info.json" if skeleton else f"{out / 'model.safetensors'}, recipe.toml, info.json"
+        print(f"wrote {wrote}" + (" (layer by layer: the GPTQ weights are in the checkpoint directory)"
+                                  if skeleton else ""), file=sys.stderr)
     return 0

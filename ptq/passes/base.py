@@ -28,6 +28,8 @@ class PassContext:
         instead of a loud warning.
     calibration: memo of tokenised calibration windows keyed by their request, so passes asking for the same
         windows share one copy.
+    weights: layer-by-layer mode: the model is a skeleton on the meta device and its decoder layers' weights are
+        read from these checkpoint shards (``ptq.layerwise.ShardedWeights``) when a pass reaches them.
     """
 
     tokenizer: Any = None
@@ -37,6 +39,7 @@ class PassContext:
     resume: bool = True
     strict: bool = False
     calibration: dict = field(default_factory=dict)
+    weights: Any = None
 
 
 class Pass(Protocol):

@@ -193,12 +193,17 @@ class CheckpointStore:
 
 
 def _test_hook(point: str, layer: int) -> None:
-    """TEST HOOK: ``PTQ_TEST_KILL_AT=<point>:<layer>`` SIGKILLs this process there (crash-safety tests only).
+    """TEST HOOK: ``PTQ_TEST_KILL_AT=<point>:<layer>`` SIGKILLs this process there (crash-safety tests only);
+    ``<point>:<layer>@<rank>`` kills only that torchrun rank.
 
     Points: ``mid_layer`` (ptq.passes.gptq, after the first group of a layer is quantized) and ``after_layer_file``
     (here, between the layer file's rename and the manifest update)."""
     want = os.environ.get("PTQ_TEST_KILL_AT")
-    if want and want == f"{point}:{layer}":
+    if not want:
+        return
+    from ptq import distributed
+
+    if want in (f"{point}:{layer}", f"{point}:{layer}@{distributed.rank()}"):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)

@@ -3,9 +3,12 @@
 Flow (``GPTQPass.run``):
 
 1. Calibration windows (``ptq.data.calibration_windows``, memoised in ``ctx.calibration``).
-2. Capture the inputs of decoder layer 0 (and its keyword arguments: position embeddings, mask, ...) by running the
-   model in ``cali_batch_size`` batches with a pre-hook on layer 0 that stops the forward there. Only the modules
-   outside the decoder layers and layer 0 are moved to ``ctx.device`` for this.
+2. Capture the inputs of decoder layer 0 and the keyword arguments of EVERY decoder layer (mask, position
+   embeddings, cache arguments: they differ between layers, e.g. Gemma 3's sliding and global layers) by running the
+   model in ``cali_batch_size`` batches with each decoder layer replaced by a recorder that stores its call and
+   passes the hidden states on without computing the layer (``_capture``). Only the modules outside the decoder
+   layers and layer 0 are moved to ``ctx.device`` for this. The decoder layers are found by structure
+   (``find_decoder_layers``).
 3. Open the checkpoint store (``checkpoint_dir``); finished layers are loaded and REPLAYED (run on the calibration
    inputs) to regenerate the inputs of the first unfinished layer: a resume never trusts stored activations.
 4. Per remaining layer, on ``ctx.device`` (the other layers stay where they were): find the groups of targeted
@@ -15,6 +18,16 @@ Flow (``GPTQPass.run``):
    ``ptq.gptq.gptq_quantize`` on ``weight_to_quantize()``; ``set_quantized_weight``. Later groups therefore see the
    quantized earlier ones. Then run the finished layer to produce the next layer's inputs, save the checkpoint and
    move the layer back.
+
+Under torchrun (``ptq.distributed``): each rank captures and runs its own share of the calibration batches; the
+per-batch x^T x are summed in fp64 and all-reduced, so every rank holds the Hessian one process would have; each
+GPTQ solve is split by rows over the ranks (rows are independent given H) and the slices are broadcast, so every rank
+ends each group with the same weights; rank 0 writes the checkpoints. A collective that fails (a dead rank) raises
+``PeerFailure`` naming the layer to resume from.
+
+Layer by layer (``ctx.weights``, see ``ptq.layerwise``): the model is a meta-device skeleton; `_resident` reads each
+decoder layer from the checkpoint shards onto the work device when its turn comes (replays included) and drops it
+after its checkpoint is written, so finished layers live only in the checkpoint store.
 
 Which linears: ``LinearMX`` modules whose config has ``gptq = true`` and a weight spec. Linears in one group with
 the same Hessian and spec are quantized in one call (rows are independent given H); nvfp4 weights are not merged
@@ -36,6 +49,7 @@ Test hook: ``PTQ_TEST_KILL_AT=mid_layer:<k>`` SIGKILLs the process after the fir
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -45,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from ptq import distributed
 from ptq.errors import CheckpointError, ModelError, PtqError
 from ptq.gptq import HessianError, gptq_quantize
 from ptq.gptq.experts import ExpertsProjection, experts_targets, gptq_experts
@@ -61,43 +76,174 @@ class _Stop(Exception):
 
 @dataclass
 class LayerInputs:
-    """Inputs of the current decoder layer for every calibration batch, and the layer's keyword arguments."""
+    """The inputs of decoder layer ``index`` for every calibration batch, and every layer's own keyword arguments.
+
+    ``calls[k][b]`` holds what the model passed decoder layer ``k`` for batch ``b`` besides the hidden states (mask,
+    position embeddings, cache arguments ...; positional extras are turned into keywords). Layers differ there (Gemma
+    3 sliding vs global layers get other masks and RoPE tables), so layer ``k`` is always run with its own. Tensors
+    shared between layers stay one object, and batches with equal contents share one copy (see `_SharedTensors`).
+    """
 
     hidden: list[torch.Tensor]  # one tensor per batch, on the work device
-    kwargs: dict[int, dict]  # batch size -> keyword arguments captured for that batch size
-    kwarg_device: dict[int, dict] = field(default_factory=dict)
+    calls: list[list[dict]]  # [layer][batch] -> keyword arguments of that layer's call
+    index: int = 0  # the decoder layer these hidden states are the input of
+    moved: dict = field(default_factory=dict)  # id(captured tensor) -> (captured, copy on the work device)
 
     def batches(self, device: torch.device):
-        for h in self.hidden:
-            b = h.shape[0]
-            if b not in self.kwarg_device:
-                self.kwarg_device[b] = _to_device(self.kwargs[b], device)
-            yield h, self.kwarg_device[b]
+        """(hidden, keyword arguments) of layer ``index``, batch by batch, on ``device``."""
+        for h, kw in zip(self.hidden, self.calls[self.index]):
+            yield h, _to_device(kw, device, self.moved)
+
+    def advance(self, hidden: list[torch.Tensor]) -> "LayerInputs":
+        """The inputs of the next layer, given this layer's outputs."""
+        return LayerInputs(hidden, self.calls, self.index + 1, self.moved)
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def _to_device(obj: Any, device: torch.device, moved: dict) -> Any:
+    """``obj`` with its tensors on ``device``; a tensor moved once is reused by identity (``moved``)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if obj.device == device:
+            return obj
+        hit = moved.get(id(obj))
+        if hit is None or hit[0] is not obj:
+            hit = moved[id(obj)] = (obj, obj.to(device))
+        return hit[1]
     if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
+        return tuple(_to_device(o, device, moved) for o in obj)
     if isinstance(obj, list):
-        return [_to_device(o, device) for o in obj]
+        return [_to_device(o, device, moved) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _to_device(v, device, moved) for k, v in obj.items()}
     return obj
 
 
+class _SharedTensors:
+    """Keeps one copy of equal keyword-argument tensors across calibration batches (masks, RoPE tables and position
+    ids usually repeat batch after batch). Only bit-identical tensors (``torch.equal``, same dtype / shape / device)
+    are merged, so every layer still gets exactly what the model gave it."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, torch.Tensor] = {}
+        self._by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+
+    def __call__(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            known = self._by_id.get(id(obj))
+            if known is obj:
+                return obj
+            pool = self._by_shape[(obj.dtype, tuple(obj.shape), obj.stride(), obj.device)]
+            for t in pool:
+                if torch.equal(t, obj):
+                    return t
+            pool.append(obj)
+            self._by_id[id(obj)] = obj
+            return obj
+        if isinstance(obj, tuple):
+            return tuple(self(o) for o in obj)
+        if isinstance(obj, list):
+            return [self(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self(v) for k, v in obj.items()}
+        return obj
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = getattr(text, attr, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder layers (``model.model.layers`` for the Llama family)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return path, obj
+    """The model's stack of decoder layers, found by structure: the outermost ``nn.ModuleList`` of blocks of one
+    class whose length is the config's number of layers (``num_hidden_layers`` / ``n_layer``), anywhere in the model
+    (``model.layers``, ``gpt_neox.layers``, ``transformer.h`` ...). Raises ``ModelError`` when there is none or more
+    than one."""
+    n = _num_layers(model)
+    if n is None:
+        raise ModelError(
+            f"GPTQ cannot find the decoder layers of {type(model).__name__}: its config has no num_hidden_layers / "
+            "n_layer to recognise them by; GPTQ supports Hugging Face causal LMs whose config has one")
+    stacks = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) == n and len({type(c) for c in m}) == 1]
+    outer = [(name, m) for name, m in stacks
+             if not any(other != name and name.startswith(other + ".") for other, _ in stacks)]
+    if len(outer) == 1:
+        return outer[0]
+    lists = [f"{name} ({len(m)} x {type(m[0]).__name__ if len(m) else '-'})" for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList)]
+    if not outer:
+        raise ModelError(
+            f"GPTQ cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList of {n} blocks of one "
+            f"class (config: {n} layers); module lists in the model: {', '.join(lists) or 'none'}")
     raise ModelError(
-        f"GPTQ cannot find the decoder layers of {type(model).__name__} (looked for model.layers, "
-        f"model.decoder.layers, transformer.h, layers); supported: Hugging Face Llama-family causal LMs")
+        f"GPTQ found several candidate decoder-layer stacks in {type(model).__name__} "
+        f"({', '.join(name for name, _ in outer)}; each {n} blocks of one class) and cannot tell which one the "
+        "language model runs; quantize the text model on its own")
+
+
+class _LayerRecorder(nn.Module):
+    """Stands in for decoder layer ``index`` during the capture: hands its call to ``on_call`` (which records it and
+    returns the hidden states unchanged in the layer's output structure) without computing the layer. Attribute
+    reads fall through to the real layer, so model code that asks a layer for e.g. its ``attention_type`` works."""
+
+    def __init__(self, layer: nn.Module, index: int, on_call) -> None:
+        super().__init__()
+        self.__dict__["_real"] = layer  # not a submodule: .to() / named_modules() must not see it twice
+        self.__dict__["_on_call"] = on_call
+        self.index = index
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
+
+    def forward(self, *args, **kwargs):
+        return self._on_call(self.index, args, kwargs)
+
+
+def _hidden_and_keywords(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """Split a decoder layer call into its hidden states and keyword arguments (positional extras named by the
+    layer's forward signature, e.g. GPT-2 passes the mask positionally)."""
+    kwargs = dict(kwargs)
+    if not args:
+        if "hidden_states" not in kwargs:
+            raise ModelError(f"{type(layer).__name__} was called without hidden states (no positional argument and "
+                             "no hidden_states=); GPTQ cannot tell which argument is the layer input")
+        return kwargs.pop("hidden_states"), kwargs
+    if len(args) > 1:
+        params = list(inspect.signature(layer.forward).parameters.values())
+        named = params[1 : len(args)]
+        if len(named) < len(args) - 1 or any(p.kind not in (p.POSITIONAL_OR_KEYWORD,) for p in named):
+            raise ModelError(
+                f"{type(layer).__name__}.forward takes {len(args)} positional arguments that cannot all be passed "
+                "by name; GPTQ needs the decoder layer's extra arguments as keywords")
+        for p, value in zip(named, args[1:]):
+            kwargs[p.name] = value
+    return args[0], kwargs
+
+
+def _output_template(out: Any) -> Any:
+    """What a decoder layer returns besides the hidden states: None for a bare tensor, else (type, the rest)."""
+    if isinstance(out, torch.Tensor):
+        return None
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return type(out), tuple(out[1:])
+    raise ModelError(f"a decoder layer returned {type(out).__name__}; GPTQ expects a tensor or a tuple whose first "
+                     "element is the hidden states")
+
+
+def _in_structure(hidden: torch.Tensor, template: Any) -> Any:
+    if template is None:
+        return hidden
+    kind, rest = template
+    return kind((hidden, *rest))
 
 
 def _is_target(m: nn.Module) -> bool:
@@ -156,9 +302,10 @@ def _layer_output(out: Any) -> torch.Tensor:
 
 
 def _resolve_device(ctx: PassContext) -> torch.device:
-    if ctx.device is not None:
-        return torch.device(ctx.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(ctx.device if ctx.device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:  # under torchrun: this rank's GPU (set by the launcher code)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _ptq_version() -> str:
@@ -186,6 +333,12 @@ class GPTQPass:
     def wanted(self, recipe: "Recipe") -> bool:
         return recipe.gptq is not None
 
+    def __init__(self) -> None:
+        self._device = torch.device("cpu")
+        self._times: dict[str, float] = defaultdict(float)
+        self._weights = None  # ptq.layerwise.ShardedWeights in layer-by-layer mode (ctx.weights), else None
+        self._layers_path = ""
+
     # ---- entry ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, model: nn.Module, recipe: "Recipe", ctx: PassContext) -> dict:
@@ -206,9 +359,11 @@ class GPTQPass:
         t_start = time.perf_counter()
         device = _resolve_device(ctx)
         self._device = device
-        self._times: dict[str, float] = defaultdict(float)
+        self._times = defaultdict(float)
         self._experts_report: dict[str, dict] = {}
+        self._weights = getattr(ctx, "weights", None)
         layers_path, layers = find_decoder_layers(model)
+        self._layers_path = layers_path
         targets = {i: targeted_linears(layer) for i, layer in enumerate(layers)}
         n_targets = sum(len(t) for t in targets.values())
         inside = {id(m) for t in targets.values() for _, m in t}
@@ -221,69 +376,43 @@ class GPTQPass:
             raise ModelError(
                 "[gptq] is set but no swapped linear has gptq = true and a weight spec: add `gptq = true` (and "
                 "weight_width) to the selectors of the linears GPTQ should quantize, or remove [gptq]")
+        lazy = self._weights is not None
+        if lazy and not cfg.checkpoint_dir:
+            raise PtqError("layer-by-layer GPTQ keeps no finished layer in memory: its results live only in the "
+                           "checkpoint store, so [gptq].checkpoint_dir must be set")
+        if not lazy and any(p.is_meta for p in model.parameters()):
+            raise ModelError("the model has weights on the meta device (a skeleton): load it with "
+                             "ptq.layerwise.load_skeleton and pass its weights as PassContext(weights=...)")
         with self._timed("calibration_data"):
             tokens, data_fp = self._calibration(model, cfg, ctx)
-        store = None
-        if cfg.checkpoint_dir:
-            with self._timed("fingerprint"):
-                fingerprint = {
-                    "model": self._model_fingerprint(model),
-                    "recipe": self._recipe_fingerprint(model, cfg),
-                    "data": data_fp,
-                    "version": _ptq_version(),
-                }
-                store = CheckpointStore.open(cfg.checkpoint_dir, fingerprint, len(layers), resume=ctx.resume)
+        bs = cfg.cali_batch_size
+        n_batches = -(-tokens.shape[0] // bs)
+        world = distributed.world_size()
+        if n_batches < world:
+            raise PtqError(f"GPTQ has {n_batches} calibration batches (nsamples {tokens.shape[0]} / cali_batch_size "
+                           f"{bs}) for {world} ranks; every rank needs one: raise [gptq].nsamples or lower "
+                           "cali_batch_size or the number of ranks")
+        if world > 1 and any(isinstance(t, ExpertsProjection) for ts in targets.values() for _, t in ts):
+            raise PtqError("data-parallel GPTQ of fused MoE experts is not implemented (their per-expert Hessians are "
+                           "not all-reduced): run this recipe in one process, or set gptq = false for the experts")
+        mine = distributed.my_share(n_batches)
+        my_tokens = torch.cat([tokens[b * bs : (b + 1) * bs] for b in mine])
+        store = self._open_store(model, cfg, ctx, data_fp, len(layers)) if cfg.checkpoint_dir else None
         start = store.finished if store is not None else 0
         info: dict[str, Any] = {"layers": len(layers), "modules": n_targets, "loaded": [], "computed": [],
                                 "checkpoint_dir": cfg.checkpoint_dir, "resumed_at": start,
-                                "clip_search": clip_objective(cfg), "proxy_loss": {}}
-        from tqdm.auto import tqdm
-
-        for i in range(start):
-            saved = store.load_layer(i)
-            for name, m in targets[i]:
-                key = f"{layers_path}.{i}.{name}"
-                if key not in saved:
-                    raise CheckpointError(
-                        f"checkpoint layer {i} in {cfg.checkpoint_dir} has no weights for {key}: it does not "
-                        f"match this model. Delete {cfg.checkpoint_dir} or set [gptq].checkpoint_dir to a new "
-                        "directory to start over")
-                m.set_quantized_weight(saved[key])
-            info["loaded"].append(i)
-        if start == len(layers):
-            info["gptq_seconds"] = time.perf_counter() - t_start
-            return info
-        with self._timed("capture"):
-            inputs = self._capture(model, layers, tokens, cfg.cali_batch_size, device)
-        # replay: regenerate the first unfinished layer's inputs from the stored weights, never from stored activations
-        if start:
-            for i in tqdm(range(start), desc=f"GPTQ: replaying {start} checkpointed layers", unit="layer",
-                          disable=not ctx.progress):
-                with self._timed("replay"):
-                    inputs = self._run_layer(layers[i], inputs, device)
-        bar = tqdm(total=len(layers), initial=start, disable=not ctx.progress, unit="layer",
-                   desc="GPTQ" + (f" (resumed at layer {start})" if start else ""))
-        for i in range(start, len(layers)):
-            layer = layers[i]
-            old = _module_devices(layer)
-            layer.to(device)
-            try:
-                results = self._quantize_layer(i, layer, targets[i], inputs, cfg, device)
-                if i + 1 < len(layers):
-                    with self._timed("layer_outputs"):
-                        inputs = self._run_layer(layer, inputs, device)
-            finally:
-                if old is not None:
-                    layer.to(old)
-            for name, (m, loss) in results.items():
-                info["proxy_loss"][f"{layers_path}.{i}.{name}"] = loss
-            if store is not None:
-                with self._timed("checkpoint"):
-                    store.save_layer(i, {f"{layers_path}.{i}.{n}": m.effective_weight()
-                                         for n, (m, _) in results.items()})
-            info["computed"].append(i)
-            bar.update(1)
-        bar.close()
+                                "clip_search": clip_objective(cfg), "proxy_loss": {}, "world_size": world,
+                                "layer_by_layer": lazy,
+                                "tokens_per_rank": distributed.all_gather_object(int(my_tokens.numel()),
+                                                                                 "sharing the calibration counts")}
+        try:
+            self._layers(model, layers, targets, store, start, my_tokens, cfg, ctx, info)
+        except distributed.PeerFailure as err:
+            done = start + len(info["computed"])
+            where = f"the checkpoints in {cfg.checkpoint_dir}" if store is not None else "nothing (no checkpoint_dir)"
+            raise distributed.PeerFailure(
+                f"{err}. GPTQ stopped at layer {done}; {done} finished layers are kept in {where}: run the same "
+                "command again to resume from there") from err
         if self._experts_report:
             info["experts"] = {f"{layers_path}.{k}": v for k, v in self._experts_report.items()}
         info["gptq_seconds"] = time.perf_counter() - t_start
@@ -291,6 +420,112 @@ class GPTQPass:
         if device.type == "cuda":
             info["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         return info
+
+    def _open_store(self, model, cfg, ctx, data_fp, n_layers) -> CheckpointStore:
+        """Rank 0 creates or verifies the checkpoint directory; the other ranks then open what it vouched for."""
+        if distributed.is_main():
+            try:
+                with self._timed("fingerprint"):
+                    fingerprint = {
+                        "model": (self._weights.digest_like(model) if self._weights is not None
+                                  else self._model_fingerprint(model)),
+                        "recipe": self._recipe_fingerprint(model, cfg),
+                        "data": data_fp,
+                        "version": _ptq_version(),
+                    }
+                    store = CheckpointStore.open(cfg.checkpoint_dir, fingerprint, n_layers, resume=ctx.resume)
+            except PtqError as err:
+                distributed.broadcast_object(("error", str(err)), 0, "opening the checkpoint store")
+                raise
+            distributed.broadcast_object(("ok", fingerprint), 0, "opening the checkpoint store")
+            return store
+        status, payload = distributed.broadcast_object(None, 0, "opening the checkpoint store")
+        if status == "error":
+            raise CheckpointError(f"rank 0 refused the checkpoint store: {payload}")
+        return CheckpointStore.open(cfg.checkpoint_dir, payload, n_layers, resume=True)
+
+    def _layers(self, model, layers, targets, store, start, tokens, cfg, ctx, info) -> None:
+        """Load or replay the finished layers, then quantize the others one by one."""
+        from tqdm.auto import tqdm
+
+        device, path, lazy = self._device, self._layers_path, self._weights is not None
+        show = ctx.progress and distributed.is_main()
+        if not lazy:
+            for i in range(start):
+                self._apply_saved(store, i, targets[i], cfg)
+                info["loaded"].append(i)
+        if start == len(layers):
+            if lazy:
+                info["loaded"] = list(range(start))
+            return
+        with self._timed("capture"):
+            inputs = self._capture(model, layers, tokens, cfg.cali_batch_size, device)
+        # replay: regenerate the first unfinished layer's inputs from the stored weights, never from stored activations
+        for i in tqdm(range(start), desc=f"GPTQ: replaying {start} checkpointed layers", unit="layer",
+                      disable=not show or not start):
+            with self._timed("replay"), self._resident(layers[i], i):
+                if lazy:
+                    self._apply_saved(store, i, targets[i], cfg)
+                    info["loaded"].append(i)
+                inputs = self._run_layer(layers[i], inputs, device)
+        bar = tqdm(total=len(layers), initial=start, disable=not show, unit="layer",
+                   desc="GPTQ" + (f" (resumed at layer {start})" if start else ""))
+        for i in range(start, len(layers)):
+            layer = layers[i]
+            with self._resident(layer, i):
+                results = self._quantize_layer(i, layer, targets[i], inputs, cfg, device)
+                if i + 1 < len(layers):
+                    with self._timed("layer_outputs"):
+                        inputs = self._run_layer(layer, inputs, device)
+                for name, (m, loss) in results.items():
+                    info["proxy_loss"][f"{path}.{i}.{name}"] = loss
+                if store is not None and distributed.is_main():
+                    with self._timed("checkpoint"):
+                        store.save_layer(i, {f"{path}.{i}.{n}": m.effective_weight() for n, (m, _) in results.items()})
+            info["computed"].append(i)
+            bar.update(1)
+        bar.close()
+
+    def _apply_saved(self, store, i, targets, cfg) -> None:
+        saved = store.load_layer(i)
+        for name, m in targets:
+            key = f"{self._layers_path}.{i}.{name}"
+            if key not in saved:
+                raise CheckpointError(
+                    f"checkpoint layer {i} in {cfg.checkpoint_dir} has no weights for {key}: it does not "
+                    f"match this model. Delete {cfg.checkpoint_dir} or set [gptq].checkpoint_dir to a new "
+                    "directory to start over")
+            m.set_quantized_weight(saved[key])
+
+    @contextmanager
+    def _resident(self, layer: nn.Module, index: int):
+        """Decoder layer ``index`` on the work device for the duration: moved there and back, or in layer-by-layer
+        mode read from the checkpoint shards onto the device and dropped afterwards (its parameters back on meta;
+        its GPTQ weights are in the checkpoint store by then)."""
+        if self._weights is None:
+            old = _module_devices(layer)
+            layer.to(self._device)
+            try:
+                yield layer
+            finally:
+                if old is not None:
+                    layer.to(old)
+            return
+        from ptq.layerwise import release
+
+        with self._timed("load_layer"):
+            self._weights.load_into(layer, f"{self._layers_path}.{index}.", self._device)
+        # buffers computed at construction (kept on the CPU by the skeleton) visit the device with the layer
+        visiting = [(mod, n, b) for mod in layer.modules() for n, b in mod._buffers.items()
+                    if b is not None and not b.is_meta and b.device != self._device]
+        for mod, n, b in visiting:
+            mod._buffers[n] = b.to(self._device)
+        try:
+            yield layer
+        finally:
+            release(layer)
+            for mod, n, b in visiting:
+                mod._buffers[n] = b
 
     @contextmanager
     def _timed(self, what: str):
@@ -360,47 +595,63 @@ class GPTQPass:
 
     # ---- layer plumbing ---------------------------------------------------------------------------------------------
     def _capture(self, model, layers, tokens, batch_size, device) -> LayerInputs:
-        """Inputs and keyword arguments of decoder layer 0 for every calibration batch."""
-        hidden: list[torch.Tensor] = []
-        kwargs: dict[int, dict] = {}
+        """The inputs of decoder layer 0 for every calibration batch, and every layer's keyword arguments.
 
-        def grab(module, args, kw):
-            h = args[0] if args else kw["hidden_states"]
-            hidden.append(h.detach())
-            rest = {k: v for k, v in kw.items() if k != "hidden_states"}
-            kwargs.setdefault(h.shape[0], rest)
-            raise _Stop
+        Each decoder layer is replaced by a `_LayerRecorder` for the duration: the model runs its embeddings and
+        whatever it computes per layer (masks, RoPE tables), each recorder stores its call and passes the hidden
+        states on untouched, and the last one ends the forward. The layers themselves are not computed, except layer
+        0 once on the first batch to learn the output structure (tensor or tuple) the model expects back."""
+        n = len(layers)
+        hidden: list[torch.Tensor] = []
+        calls: list[list[dict]] = [[] for _ in range(n)]
+        shared = _SharedTensors()
+        first = layers[0]
+        state: dict[str, Any] = {"template": "unknown", "passed": None}
+
+        def on_call(k: int, args: tuple, kwargs: dict):
+            h, kw = _hidden_and_keywords(first, args, kwargs)
+            if k == 0:
+                hidden.append(h.detach())
+                if state["template"] == "unknown":
+                    state["template"] = _output_template(first(h, **kw))
+            elif h is not state["passed"]:
+                raise ModelError(
+                    f"{type(model).__name__} changes the hidden states between decoder layers {k - 1} and {k} (layer "
+                    f"{k} did not get layer {k - 1}'s output); GPTQ runs the layers one after the other and cannot "
+                    "reproduce that")
+            calls[k].append(shared(kw))
+            if k == n - 1:
+                raise _Stop
+            state["passed"] = h
+            return _in_structure(h, state["template"])
 
         moved = _move_outside_layers(model, layers, device)
-        first = layers[0]
-        old = _module_devices(first)
-        first.to(device)
-        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        real = list(layers)
+        for k in range(n):
+            layers[k] = _LayerRecorder(real[k], k, on_call)
         try:
-            for b in range(0, tokens.shape[0], batch_size):
-                try:
-                    model(input_ids=tokens[b : b + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
+            with self._resident(first, 0):
+                for b in range(0, tokens.shape[0], batch_size):
+                    state["passed"] = None
+                    try:
+                        model(input_ids=tokens[b : b + batch_size].to(device), use_cache=False)
+                    except _Stop:
+                        pass
         finally:
-            handle.remove()
-            if old is not None:
-                first.to(old)
+            for k in range(n):
+                layers[k] = real[k]
             for m, dev in moved:
                 m.to(dev)
-        if len(hidden) != -(-tokens.shape[0] // batch_size):
-            raise ModelError(f"{type(model).__name__}'s forward did not reach decoder layer 0 for every batch")
-        return LayerInputs(hidden, kwargs)
+        batches = -(-tokens.shape[0] // batch_size)
+        reached = [k for k in range(n) if len(calls[k]) != batches]
+        if len(hidden) != batches or reached:
+            raise ModelError(f"{type(model).__name__}'s forward did not call every decoder layer once per "
+                             f"calibration batch (layers {reached or [0]} were not reached {batches} times)")
+        return LayerInputs(hidden, calls)
 
     def _run_layer(self, layer, inputs: LayerInputs, device) -> LayerInputs:
-        old = _module_devices(layer)
-        layer.to(device)
-        try:
-            outs = [_layer_output(layer(h, **kw)).detach() for h, kw in inputs.batches(device)]
-        finally:
-            if old is not None:
-                layer.to(old)
-        return LayerInputs(outs, inputs.kwargs, inputs.kwarg_device)
+        """The layer's outputs for every batch (the layer is already on ``device``: see `_resident`)."""
+        return inputs.advance([_layer_output(layer(h, **kw)).detach() for h, kw in inputs.batches(device)])
 
     def _groups(self, layer, targets, inputs: LayerInputs, device) -> list[list[tuple[str, nn.Module]]]:
         """Targeted linears grouped by shared input, in execution order (probe forward on one batch). The two
@@ -468,7 +719,11 @@ class GPTQPass:
         return {n: (t, float(sum(report.proxy_loss[t.which]))) for n, t in group}
 
     def _hessians(self, layer, group, inputs: LayerInputs, device) -> dict[tuple, torch.Tensor]:
-        """H = 2/N sum x x^T of each distinct prepared input of the group, over every calibration token."""
+        """H = 2/N sum x x^T of each distinct prepared input of the group, over every calibration token of every rank.
+
+        Each batch's x^T x is an fp32 GEMM; the batches are summed in fp64 (exact for the magnitudes that occur), so
+        the result does not depend on how batches are split over ranks or in which order they are summed, and the
+        ranks' sums are all-reduced before scaling."""
         sums: dict[tuple, torch.Tensor] = {}
         counts: dict[tuple, int] = {}
         keys = {id(m): self._input_key(m) for _, m in group}
@@ -481,9 +736,9 @@ class GPTQPass:
                 state["done"].add(k)
                 x = module.prepare_input(args[0]).reshape(-1, args[0].shape[-1]).float()
                 if k not in sums:
-                    sums[k] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+                    sums[k] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                     counts[k] = 0
-                sums[k].addmm_(x.T, x)
+                sums[k] += x.T @ x
                 counts[k] += x.shape[0]
             if module is last:
                 raise _Stop
@@ -499,7 +754,33 @@ class GPTQPass:
         finally:
             for hd in handles:
                 hd.remove()
-        return {k: s * (2.0 / counts[k]) for k, s in sums.items()}
+        out = {}
+        for k, total in sums.items():  # same insertion order on every rank: the same forward ran
+            n = distributed.all_reduce_sum(torch.tensor([counts[k]], dtype=torch.float64, device=total.device),
+                                           f"summing calibration token counts (layer {inputs.index})")
+            distributed.all_reduce_sum(total, f"summing Hessians (layer {inputs.index})")
+            out[k] = (total * (2.0 / float(n[0]))).to(torch.float32)
+        return out
+
+    def _solve(self, weight: torch.Tensor, hessian: torch.Tensor, spec, cfg, clip) -> torch.Tensor:
+        """GPTQ of ``weight`` (the quantized weight). Rows are independent given H, so under torchrun each rank
+        solves its own slice of rows (nvfp4's per-tensor scale taken from the whole weight) and broadcasts it."""
+        kw = dict(percdamp=cfg.percdamp, act_order=cfg.act_order, clip=clip)
+        world = distributed.world_size()
+        rows = weight.shape[0]
+        if world == 1 or rows < world:
+            return gptq_quantize(weight, hessian, spec, **kw).weight
+        if spec.family == "nvfp4":
+            from ptq.quantizers import nvfp4_global_scale
+
+            kw["global_scale"] = nvfp4_global_scale(weight.float())
+        cuts = [rows * r // world for r in range(world + 1)]
+        out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        me = distributed.rank()
+        out[cuts[me] : cuts[me + 1]] = gptq_quantize(weight[cuts[me] : cuts[me + 1]], hessian, spec, **kw).weight
+        for src in range(world):
+            distributed.broadcast(out[cuts[src] : cuts[src + 1]], src, f"sharing GPTQ rows {cuts[src]}-{cuts[src + 1]}")
+        return out
 
     @staticmethod
     def _input_key(m) -> tuple:
@@ -532,12 +813,11 @@ class GPTQPass:
                 ws = [m.weight_to_quantize().to(device) for _, m in mods]
                 try:
                     with self._timed("solve"):
-                        res = gptq_quantize(torch.cat(ws, 0), hs[key[0]], key[1], percdamp=cfg.percdamp,
-                                            act_order=cfg.act_order, clip=clip)
+                        qw = self._solve(torch.cat(ws, 0), hs[key[0]], key[1], cfg, clip)
                 except HessianError as err:
                     names = ", ".join(f"layer {index} {n}" for n, _ in mods)
                     raise HessianError(f"{names}: {err}") from None
-                q = res.weight.split([w.shape[0] for w in ws], 0)
+                q = qw.split([w.shape[0] for w in ws], 0)
                 for (name, m), qi, wi in zip(mods, q, ws):
                     m.set_quantized_weight(qi)
                     d = (wi - qi)
