@@ -149,6 +149,9 @@ def plan_export(model: nn.Module) -> Plan:
             continue
         if not isinstance(m, LinearMX):
             continue
+        if m.weight_transposed:
+            raise ModelError(f"{name}: a GPT-2 style Conv1D layer; compressed-tensors compresses nn.Linear layers "
+                             f"only, so this model cannot be exported in that format: use --format ptq")
         cfg, issues = m.cfg, []
         if m.rotation is not None:
             kind, wargs = "dense", None

@@ -121,8 +121,20 @@ def test_packed_export_round_trip(tmp_path):
     model = tiny_model("gpt2")
     names = conv_names(model)
     swap_modules(model, {n: LinearQuantConfig(weight=W4, data_in=A8) for n in names})
-    summary = export_quantized(model, tmp_path / "out", progress=False)
+    summary = export_quantized(model, tmp_path / "out", progress=False, format="ptq")
     assert summary["packed"] == sorted(names)
     loaded = load_quantized(tmp_path / "out")
     ids = tokens()
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_compressed_tensors_export_refuses_conv1d(tmp_path):
+    """compressed-tensors compresses nn.Linear only: a Conv1D model is refused up front, nothing is written."""
+    from ptq.errors import ModelError
+    from ptq.export import export_quantized
+
+    model = tiny_model("gpt2")
+    swap_modules(model, {n: LinearQuantConfig(weight=W4) for n in conv_names(model)})
+    with pytest.raises(ModelError, match="Conv1D"):
+        export_quantized(model, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

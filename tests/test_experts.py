@@ -369,7 +369,7 @@ def test_export_round_trip_keeps_expert_quantization(tmp_path, gptq):
     model, info = ptq.quantize_module_transform_pass(model, recipe, ctx=calibration_ctx())
     if gptq:  # the recipe's threshold reached the experts GPTQ
         assert {r["min_tokens"]["down"] for r in info["gptq"]["experts"].values()} == {100}
-    summary = export_quantized(model, tmp_path / "out", progress=False)
+    summary = export_quantized(model, tmp_path / "out", progress=False, format="ptq")
     assert summary["experts"] == experts_names(model) and len(summary["packed"]) == 8
     loaded = load_quantized(tmp_path / "out")
     ids = tokens()
