@@ -28,8 +28,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="do not reuse existing GPTQ "
                    "checkpoints or rotation caches: refuse to touch them")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    p.add_argument("--strict", action="store_true", help="a selector matching nothing, or partial / zero "
-                   "quantization coverage of the decoder, is an error instead of a warning")
+    p.add_argument("--strict", action="store_true", help="a selector matching nothing, partial / zero "
+                   "quantization coverage of the decoder or (export) a quantizer the output format cannot express "
+                   "is an error instead of a warning")
 
 
 def add_layer_by_layer_argument(p: argparse.ArgumentParser) -> None:

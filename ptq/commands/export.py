@@ -39,8 +39,6 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=("compressed-tensors", "ptq"), default="compressed-tensors",
                    help="compressed-tensors (default; transformers / vLLM load it) or ptq (ptq's own format, "
                    "expresses every quantizer)")
-    p.add_argument("--strict", action="store_true", help="compressed-tensors: fail instead of warning when the "
-                   "format cannot express part of the recipe")
     p.add_argument("--calib-source", default="wikitext2", help="compressed-tensors with NVFP4 activations: text "
                    "for the static input global scales (default: wikitext2)")
     p.add_argument("--calib-samples", type=int, default=16, help="windows of calibration text (default: 16)")
