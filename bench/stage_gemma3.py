@@ -9,7 +9,7 @@ sibling and renamed into place only after the checks pass. Needs torch, transfor
 no network.
 
 Why not ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``: transformers' GGUFGemmaConverter builds a *Unigram*
-model from ``tokenizer.ggml.scores``, but Gemma 3's SentencePiece model is BPE and those scores are merge ranks
+model from ``tokenizer.ggml.scores`` (transformers issue #41494), but Gemma 3's SentencePiece model is BPE and those scores are merge ranks
 (score = -rank), so Viterbi prefers many short frequent pieces ("capital" -> c/ap/it/al) and it adds no BOS;
 WikiText-2 perplexity comes out near 1400. Here the tokenizer is a BPE built from the GGUF vocabulary, with merges
 derived from the scores as SentencePiece BPE applies them (the adjacent pair whose concatenation is the
@@ -80,8 +80,9 @@ def merges_from_scores(vocab: dict[str, int], scores, is_normal) -> list[tuple[s
     """Every (left, right) split of a normal piece into two normal pieces, best-scored result first.
 
     SentencePiece BPE merges, among adjacent symbol pairs whose concatenation is a piece, the one with the highest
-    piece score; ranking all splits by the score of the piece they produce reproduces that order (ties between two
-    splits of the same piece cannot meet in one word: only one segmentation of a span exists at a time)."""
+    piece score; ranking all splits by the score of the piece they produce reproduces that order. Only ties differ
+    (two splits of one piece mergeable at once, overlapping): SentencePiece takes the leftmost, this the lower left
+    id. Checked: the whole WikiText-2 test file tokenizes identically to sentencepiece fed this vocabulary."""
     ranked = []
     for piece, i in vocab.items():
         if not is_normal[i]:
