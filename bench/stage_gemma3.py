@@ -188,6 +188,8 @@ def perplexity(model, ids: torch.Tensor, bos: int, seqlen: int, windows: int) ->
     """Token perplexity over the first ``windows`` non-overlapping windows of BOS + seqlen-1 tokens."""
     step = seqlen - 1
     n = min(windows, ids.numel() // step)
+    if n < 1:
+        raise SystemExit(f"no full window of {seqlen} tokens (--windows {windows}, {ids.numel()} text tokens)")
     nll, count = 0.0, 0
     with torch.inference_mode():
         for w in range(n):
