@@ -176,11 +176,16 @@ def _log(settings: TableSettings, msg: str) -> None:
         print(f"[ptq table] {msg}", file=sys.stderr, flush=True)
 
 
-def _text_or_none(source, split, data_dir) -> str | None:
+def _text_or_error(source, split, data_dir) -> tuple[str | None, str | None]:
+    """(text, None), or (None, why it cannot be loaded)."""
     try:
-        return load_text(source, split, data_dir)
-    except PtqError:
-        return None
+        return load_text(source, split, data_dir), None
+    except PtqError as e:
+        return None, str(e)
+
+
+def _text_or_none(source, split, data_dir) -> str | None:
+    return _text_or_error(source, split, data_dir)[0]
 
 
 def _default_loader(name, *, dtype, device):
@@ -210,7 +215,7 @@ class _Plan:
 
 
 def _plan_evaluation(settings: TableSettings, ref, tok, bos, recipes, out: Path, device) -> _Plan:
-    text = _text_or_none(settings.source, settings.split, settings.data_dir)
+    text, why = _text_or_error(settings.source, settings.split, settings.data_dir)
     # recipes whose calibrated passes (GPTQ, rotation search) name text that cannot be loaded here
     calib_missing = sorted({stem for stem, r in recipes for cfg in (r.gptq, r.rotation_search)
                             if cfg is not None and _text_or_none(cfg.dataset, "validation", settings.data_dir) is None})
@@ -232,8 +237,8 @@ def _plan_evaluation(settings: TableSettings, ref, tok, bos, recipes, out: Path,
         w = _sampled(settings, ref, tok, bos, out, device, "evaluation", settings.sample_eval_n, settings.seed + 1)
         plan = _Plan("sampled", w["windows"], w["digest"])
         plan.notes.append(
-            f"No evaluation text was found ({settings.source!r} has no local file under PTQ_DATA_DIR and the "
-            f"Hugging Face hub is not reachable), so this table reports no perplexity: quality is the KL divergence "
+            f"No evaluation text was found ({settings.source!r} could not be loaded: {why}), so "
+            f"this table reports no perplexity: quality is the KL divergence "
             f"and top-1 agreement to the unquantized model on {settings.sample_eval_n} sequences of "
             f"{settings.sample_seqlen} tokens sampled from the unquantized model itself.")
     if sampled_calib is not None:

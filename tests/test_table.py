@@ -95,11 +95,10 @@ def test_table_rows_files_and_reuse(tmp_path, stories260k_path, data_dir, count_
 
 
 def test_table_without_any_text_reports_kl(tmp_path, stories260k_path, monkeypatch):
-    empty = tmp_path / "no-data"
-    empty.mkdir()
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    settings = _settings(tmp_path / "out", stories260k_path, [_recipe_with_width(tmp_path, 4)], source="wikitext2",
-                         split="test", data_dir=str(empty), sample_eval_n=2, sample_seqlen=48, plot=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # a hub-only source that cannot be loaded here
+    settings = _settings(tmp_path / "out", stories260k_path, [_recipe_with_width(tmp_path, 4)],
+                         source="hf:roneneldan/TinyStories", split="test", sample_eval_n=2, sample_seqlen=48,
+                         plot=False)
     report = run_table(settings)
     assert report["mode"] == "sampled"
     base, q4 = report["rows"]
