@@ -90,7 +90,12 @@ def run(args) -> int:
     settings = quick_settings(**given) if quick else TableSettings(**given)
     what = "quick table" if quick else "full table"
     print(f"[ptq table] {what} ({why}): {describe_budget(settings)}", file=sys.stderr, flush=True)
-    report = run_table(settings)
+    try:
+        report = run_table(settings)
+    except KeyboardInterrupt:
+        print(f"[ptq table] interrupted: finished rows and checkpoints under {settings.out} are kept; the same "
+              "command reuses them", file=sys.stderr, flush=True)
+        raise
     from ptq.table import render_markdown
 
     print(render_markdown(report), end="")
