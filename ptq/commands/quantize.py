@@ -9,7 +9,7 @@ from ptq.commands import add_parser, add_quantize_arguments, load_and_quantize
 
 EPILOG = """\
 examples:
-  ptq quantize --model ../shared/models/stories260k --recipe recipes/w4a4kv4.toml
+  ptq quantize --model tests/fixtures/stories260k --recipe recipes/w4a4kv4.toml
   ptq quantize --model smollm2-135m --recipe recipes/w4a4kv4_gptq.toml --out out/gptq --device cuda --dtype bf16
 
 --out DIR writes (each file atomically):

@@ -9,7 +9,7 @@ examples:
   ptq table                                   # built-in SmolLM2-135M x the three shipped W4A4KV4 recipes
   ptq table --quick                           # minutes on a CPU: smaller calibration, 16 windows of 512 tokens
   ptq table --out runs/smol --device cuda     # rerun: only rows whose inputs changed are recomputed
-  ptq table --model ../shared/models/stories260k --recipes w4a4kv4 my.toml \\
+  ptq table --model tests/fixtures/stories260k --recipes w4a4kv4 my.toml \\
             --source tinystories --split validation --seqlen 256 --bos-windows --max-windows 16
 """
 
