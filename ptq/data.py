@@ -85,18 +85,25 @@ def read_embedded(path: Path) -> str:
     return lzma.decompress(path.read_bytes()).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _named_file(source: str, split: str, data_dir) -> tuple[Path, bool] | None:
+    """(file, is_embedded) holding a named source's split: data_dir / $PTQ_DATA_DIR first, then the package's copy."""
+    p = local_path(source, split, data_dir)
+    if p is not None:
+        return p, False
+    e = embedded_path(source, split)
+    return (e, True) if e is not None else None
+
+
 def text_origin(source: str | Sequence[str], split: str = "validation", data_dir=None) -> str:
     """Where ``load_text`` reads ``source`` from, in words (for reports): a file, the embedded copy or the hub."""
     if not isinstance(source, str):
         return "a list of strings"
     if source in _HUB:
-        p = local_path(source, split, data_dir)
-        if p is not None:
-            return str(p)
-        e = embedded_path(source, split)
-        if e is not None:
-            return f"the copy embedded in ptq ({e.name})"
-        return "the Hugging Face hub"
+        found = _named_file(source, split, data_dir)
+        if found is None:
+            return "the Hugging Face hub"
+        path, embedded = found
+        return f"the copy embedded in ptq ({path.name})" if embedded else str(path)
     return "the Hugging Face hub" if source.startswith(HUB_PREFIX) else source
 
 
@@ -110,13 +117,11 @@ def load_text(
             raise PtqError("a text source given as a list must be a non-empty list of strings")
         return "\n\n".join(texts)
     if source in _HUB:
-        p = local_path(source, split, data_dir)
-        if p is not None:
-            return p.read_text(encoding="utf-8")
-        e = embedded_path(source, split)
-        if e is not None:
-            return read_embedded(e)
-        return _load_from_hub(source, split, data_dir)
+        found = _named_file(source, split, data_dir)
+        if found is None:
+            return _load_from_hub(source, split, data_dir)
+        path, embedded = found
+        return read_embedded(path) if embedded else path.read_text(encoding="utf-8")
     if source.startswith(HUB_PREFIX):
         return _load_from_hub(source, split, data_dir)
     p = Path(source).expanduser()
