@@ -55,7 +55,7 @@ class Budget:
 # not GPTQ's, set the pace: 4 x 512 tokens per trial instead of the recipe's 32 x 512.
 QUICK_BUDGET = Budget(gptq_nsamples=32, gptq_seqlen=512, rotation_nsamples=4, rotation_seqlen=512)
 QUICK_SEQLEN = 512
-QUICK_MAX_WINDOWS = 16
+QUICK_MAX_WINDOWS = 8
 
 
 @dataclass(frozen=True)

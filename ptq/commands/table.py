@@ -7,7 +7,7 @@ from ptq.commands import add_parser
 EXAMPLES = """\
 examples:
   ptq table                                   # built-in SmolLM2-135M x the three shipped W4A4KV4 recipes
-  ptq table --quick                           # minutes on a CPU: smaller calibration, 16 windows of 512 tokens
+  ptq table --quick                           # minutes on a CPU: smaller calibration, 8 windows of 512 tokens
   ptq table --out runs/smol --device cuda     # rerun: only rows whose inputs changed are recomputed
   ptq table --model tests/fixtures/stories260k --recipes w4a4kv4 my.toml \\
             --source tinystories --split validation --seqlen 256 --bos-windows --max-windows 16
@@ -37,13 +37,13 @@ def register(subparsers) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="the quick table (the default without CUDA): GPTQ calibration 32 x 512 tokens, rotation "
-                           "search 4 x 512 per trial, perplexity on 16 windows of 512 tokens, no word perplexity")
+                           "search 4 x 512 per trial, perplexity on 8 windows of 512 tokens, no word perplexity")
     size.add_argument("--full", action="store_true",
                       help="the recipes' own calibration and every evaluation window (the default with CUDA)")
     p.add_argument("--seqlen", type=int, default=None,
                    help="evaluation window and word-perplexity max length (default: 2048; --quick 512)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: 8)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only (--quick: 16)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only (--quick: 8)")
     p.add_argument("--bos-windows", action="store_true", help="start every window with BOS (BOS + seqlen-1 tokens)")
     p.add_argument("--no-word-ppl", action="store_true", help="skip lm-eval-style word perplexity")
     p.add_argument("--max-documents", type=int, default=None, help="word perplexity on the first N articles only")
