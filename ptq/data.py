@@ -1,12 +1,17 @@
-"""Calibration and evaluation text: local files first, Hugging Face ``datasets`` only when online.
+"""Calibration and evaluation text: local files, the copies embedded in the package, the hub only when named.
 
 Sources:
 - ``"wikitext2"``: WikiText-2; split ``test`` -> ``wikitext-2/wiki.test.raw`` (use for perplexity),
   ``validation`` -> ``wikitext-2/wiki.valid.tokens`` (use for calibration: the train split is not shipped).
 - ``"tinystories"``: ``tinystories/validation.txt`` (both splits read the same file).
+- ``"hf:NAME"`` / ``"hf:NAME:CONFIG"``: a Hugging Face dataset's ``text`` column (needs ``datasets`` and the network).
 - a path to a text file (or a directory of ``*.txt`` files, read in sorted order).
 - a list of strings, joined by blank lines.
-Local files are looked up under ``data_dir``, else ``$PTQ_DATA_DIR``.
+
+A named source is read from the first place that has it: ``data_dir`` (else ``$PTQ_DATA_DIR``), then the copy
+embedded in the package (``ptq/_data``, xz-compressed, byte-identical to the originals; licences in its README), and
+only then the Hugging Face hub. So the defaults never touch the network. The hub is asked only after a quick
+reachability probe (a few seconds at most): an unreachable hub is one clear error, never minutes of retries.
 
 Windows: evaluation uses the whole text as one string, tokenized once and cut into non-overlapping windows (the
 last partial one dropped); calibration draws ``nsamples`` windows at offsets from a seeded generator, so the same
@@ -15,7 +20,9 @@ request gives the same tokens in every run and every pass.
 
 from __future__ import annotations
 
+import lzma
 import os
+import socket
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +41,15 @@ _HUB = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "\n"),
     "tinystories": ("roneneldan/TinyStories", None, "text", "\n\n"),
 }
+_EMBEDDED = {
+    ("wikitext2", "test"): "wiki.test.raw.xz",
+    ("wikitext2", "validation"): "wiki.valid.tokens.xz",
+    ("tinystories", "test"): "tinystories.validation.txt.xz",
+    ("tinystories", "validation"): "tinystories.validation.txt.xz",
+}
+EMBEDDED_DIR = Path(__file__).resolve().parent / "_data"
+HUB_PREFIX = "hf:"
+HUB_PROBE_SECONDS = 3.0
 NAMED_SOURCES = tuple(sorted(_HUB))
 SPLITS = ("test", "validation")
 
@@ -55,6 +71,42 @@ def local_path(source: str, split: str = "validation", data_dir: str | os.PathLi
     return p if p.is_file() else None
 
 
+def embedded_path(source: str, split: str = "validation") -> Path | None:
+    """The compressed copy of a named source's split inside the package, or None (not embedded / not installed)."""
+    if split not in SPLITS:
+        raise PtqError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    name = _EMBEDDED.get((source, split))
+    p = EMBEDDED_DIR / name if name else None
+    return p if p is not None and p.is_file() else None
+
+
+def read_embedded(path: Path) -> str:
+    """The text of an embedded file, newlines translated as ``Path.read_text`` does for the local files."""
+    return lzma.decompress(path.read_bytes()).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _named_file(source: str, split: str, data_dir) -> tuple[Path, bool] | None:
+    """(file, is_embedded) holding a named source's split: data_dir / $PTQ_DATA_DIR first, then the package's copy."""
+    p = local_path(source, split, data_dir)
+    if p is not None:
+        return p, False
+    e = embedded_path(source, split)
+    return (e, True) if e is not None else None
+
+
+def text_origin(source: str | Sequence[str], split: str = "validation", data_dir=None) -> str:
+    """Where ``load_text`` reads ``source`` from, in words (for reports): a file, the embedded copy or the hub."""
+    if not isinstance(source, str):
+        return "a list of strings"
+    if source in _HUB:
+        found = _named_file(source, split, data_dir)
+        if found is None:
+            return "the Hugging Face hub"
+        path, embedded = found
+        return f"the copy embedded in ptq ({path.name})" if embedded else str(path)
+    return "the Hugging Face hub" if source.startswith(HUB_PREFIX) else source
+
+
 def load_text(
     source: str | Sequence[str], split: str = "validation", data_dir: str | os.PathLike | None = None
 ) -> str:
@@ -65,9 +117,12 @@ def load_text(
             raise PtqError("a text source given as a list must be a non-empty list of strings")
         return "\n\n".join(texts)
     if source in _HUB:
-        p = local_path(source, split, data_dir)
-        if p is not None:
-            return p.read_text(encoding="utf-8")
+        found = _named_file(source, split, data_dir)
+        if found is None:
+            return _load_from_hub(source, split, data_dir)
+        path, embedded = found
+        return read_embedded(path) if embedded else path.read_text(encoding="utf-8")
+    if source.startswith(HUB_PREFIX):
         return _load_from_hub(source, split, data_dir)
     p = Path(source).expanduser()
     if p.is_file():
@@ -78,25 +133,59 @@ def load_text(
             raise PtqError(f"text directory {p} holds no *.txt files")
         return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
     raise PtqError(
-        f"unknown text source {source!r}: use one of {', '.join(NAMED_SOURCES)}, a path to a text file or "
-        "directory, or a list of strings")
+        f"unknown text source {source!r}: use one of {', '.join(NAMED_SOURCES)}, {HUB_PREFIX}NAME[:CONFIG] for a "
+        "Hugging Face dataset, a path to a text file or directory, or a list of strings")
+
+
+def _hub_switched_off() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face hub cannot be used right now (None when a TCP connection to it opens within
+    ``timeout`` seconds). One short probe, so an offline machine gets an answer in seconds instead of the minutes
+    of retries ``datasets`` spends before giving up."""
+    if _hub_switched_off():
+        return "the hub is switched off (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)"
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} is not reachable ({e.__class__.__name__}: {e})"
+    return None
 
 
 def _load_from_hub(source: str, split: str, data_dir) -> str:
-    where = _resolve_dir(data_dir)
-    hint = (f"no local copy of {source!r} ({split}) under {where}" if where else
-            f"no local copy of {source!r}: set PTQ_DATA_DIR (e.g. ../shared/data) or pass data_dir")
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise PtqError(f"{hint}, and the Hugging Face hub is switched off (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)")
+    if source.startswith(HUB_PREFIX):
+        name, _, config = source[len(HUB_PREFIX):].partition(":")
+        if not name:
+            raise PtqError(f"text source {source!r} names no dataset: write {HUB_PREFIX}NAME or {HUB_PREFIX}NAME:CONFIG")
+        config, field, joiner = config or None, "text", "\n"
+        hint = f"text source {source!r} lives on the Hugging Face hub"
+        fix = "give a local text file or directory instead (or a named source: " + ", ".join(NAMED_SOURCES) + ")"
+    else:
+        name, config, field, joiner = _HUB[source]
+        where = _resolve_dir(data_dir)
+        hint = (f"no local copy of {source!r} ({split}) under {where} and none embedded in ptq" if where else
+                f"no local copy of {source!r} ({split}): none embedded in ptq and no data_dir / PTQ_DATA_DIR")
+        fix = f"pass --data-dir (or set PTQ_DATA_DIR) to a folder holding {_LOCAL_FILES[(source, split)]}"
+    why = hub_unreachable()
+    if why is not None:
+        raise PtqError(f"{hint}, and {why}; {fix}")
     try:
         import datasets
     except ImportError as e:
-        raise PtqError(f"{hint}, and the `datasets` package is not installed (pip install datasets)") from e
-    name, config, field, joiner = _HUB[source]
+        raise PtqError(f"{hint}, and the `datasets` package is not installed (pip install datasets); {fix}") from e
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # network errors come in many types
-        raise PtqError(f"{hint}, and loading {name!r} from the hub failed: {e}") from e
+        raise PtqError(f"{hint}, and loading {name!r} from the hub failed: {e}; {fix}") from e
+    if field not in ds.column_names:
+        raise PtqError(f"hub dataset {name!r} ({split}) has no {field!r} column (columns: {ds.column_names}); {fix}")
     return joiner.join(ds[field])
 
 

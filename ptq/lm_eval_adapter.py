@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from ptq.data import local_path
+from ptq.data import embedded_path, load_text, local_path
 from ptq.errors import PtqError
 from ptq.eval import split_wikitext_documents
 
@@ -92,10 +92,9 @@ def run_lm_eval(
         for name in names:
             if name == "wikitext" and (documents is not None or local_wikitext):
                 docs = documents
-                if docs is None:
-                    p = local_path("wikitext2", "test", data_dir)
-                    if p is not None:
-                        docs = split_wikitext_documents(p.read_text(encoding="utf-8"))
+                if docs is None:  # a local or the embedded wiki.test.raw (always there unless the package is stripped)
+                    if local_path("wikitext2", "test", data_dir) is not None or embedded_path("wikitext2", "test"):
+                        docs = split_wikitext_documents(load_text("wikitext2", "test", data_dir))
                     elif _hub_offline():
                         raise PtqError("lm-eval task 'wikitext': no local wikitext-2/wiki.test.raw (set PTQ_DATA_DIR"
                                        " or data_dir) and the Hugging Face hub is switched off")

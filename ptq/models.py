@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,13 +163,24 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: Any = "a
         if not (local / "config.json").is_file():
             raise ModelError(f"{path}: no config.json in this directory, so it is not a Hugging Face model. Pass "
                              f"the directory that holds config.json (or a hub id such as HuggingFaceTB/SmolLM2-135M)")
+    hub_kwargs: dict[str, Any] = {}
+    unreachable = None
+    if not local.exists():
+        # A hub id: one short probe first, so an offline machine reads its hub cache at once (or gets a clear error)
+        # instead of waiting through the hub client's retries.
+        from ptq.data import hub_unreachable
+
+        unreachable = hub_unreachable()
+        if unreachable is not None:
+            hub_kwargs["local_files_only"] = True
+            print(f"ptq: {unreachable}: loading {path} from the local Hugging Face cache only", file=sys.stderr)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **hub_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = ("it is not a local directory and hub access is off (HF_HUB_OFFLINE=1): pass a local path or unset "
-                 "HF_HUB_OFFLINE" if offline and not local.exists() else "see the cause above")
+        where = (f"it is not a local directory, {unreachable}, and it is not in the local Hugging Face cache: pass a "
+                 "local model directory (--model DIR), or the built-in default (no --model)"
+                 if unreachable is not None else "see the cause above")
         raise ModelError(f"cannot load model {name_or_path!s}: {err.__class__.__name__}: {str(err).splitlines()[0]}. "
                          f"{where}") from err
     if device is not None:

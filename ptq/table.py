@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ptq.data import eval_windows, load_text, tokenize
+from ptq.data import eval_windows, load_text, text_origin, tokenize
 from ptq.errors import PtqError
 from ptq.eval import evaluate_windows, sample_token_windows, word_perplexity, wikitext_documents
 from ptq.io import atomic_write_bytes, atomic_write_json, atomic_write_text, digest_json, model_fingerprint
@@ -33,6 +33,29 @@ __all__ = ["TableSettings", "run_table", "default_recipe_paths", "render_markdow
 
 SHIPPED_RECIPES = ("w4a4kv4.toml", "w4a4kv4_gptq.toml", "w4a4kv4_gptq_rot.toml")
 ROW_SCHEMA = 1  # bump when the content of a stored row changes meaning
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Calibration sizes that replace the recipes' own (``[gptq]`` nsamples x seqlen, ``[rotation_search]``
+    calib_nsamples x calib_seqlen) for a faster table; every other recipe key is kept."""
+
+    gptq_nsamples: int
+    gptq_seqlen: int
+    rotation_nsamples: int
+    rotation_seqlen: int
+
+    def describe(self) -> str:
+        return (f"GPTQ calibration {self.gptq_nsamples} x {self.gptq_seqlen} tokens, rotation search "
+                f"{self.rotation_nsamples} x {self.rotation_seqlen} tokens per trial")
+
+
+# The quick table (`ptq table --quick`, and the default without CUDA): minutes on a 2-core CPU for SmolLM2-135M.
+# The rotation search runs one whole-model forward per trial (~35 trials for 8 candidate types), so its windows,
+# not GPTQ's, set the pace: 4 x 512 tokens per trial instead of the recipe's 32 x 512.
+QUICK_BUDGET = Budget(gptq_nsamples=32, gptq_seqlen=512, rotation_nsamples=4, rotation_seqlen=512)
+QUICK_SEQLEN = 512
+QUICK_MAX_WINDOWS = 8
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,7 @@ class TableSettings:
     bos_windows: each window is BOS + seqlen-1 tokens (default: plain windows, the data README's convention). word_ppl: also lm-eval's word perplexity (WikiText-2 only), natively;
     max_documents limits its articles. sample_*: the no-text fallback (sequences sampled from the model).
     cuda_graph: replay full evaluation batches from CUDA graphs on CUDA (bit-identical, see ``ptq.cuda_graph``).
+    budget: calibration sizes replacing the recipes' own (None: as the recipes say); see ``quick_settings``.
     """
 
     out: str = "ptq-table"
@@ -64,6 +88,7 @@ class TableSettings:
     plot: bool = True
     progress: bool = True
     cuda_graph: bool = True
+    budget: Budget | None = None
     sample_calib_n: int = 64
     sample_eval_n: int = 16
     sample_seqlen: int = 512
@@ -107,18 +132,38 @@ def method_label(recipe) -> str:
     return f"rotation + {weights}" if recipe.rotation_search is not None else weights
 
 
-def _redirect_outputs(recipe, stem: str, out: Path, model_key: str, calib_texts: list[str] | None):
+def quick_settings(**overrides) -> TableSettings:
+    """The quick table: the shipped recipes under ``QUICK_BUDGET``, perplexity on ``QUICK_MAX_WINDOWS`` windows of
+    ``QUICK_SEQLEN`` tokens, no word perplexity (it would score every WikiText-2 test article). ``overrides`` win."""
+    base = dict(budget=QUICK_BUDGET, seqlen=QUICK_SEQLEN, max_windows=QUICK_MAX_WINDOWS, word_ppl=False)
+    return TableSettings(**{**base, **overrides})
+
+
+def describe_budget(settings: TableSettings) -> str:
+    """One line: what the table measures with (for the first line of output and the report)."""
+    windows = "all windows" if settings.max_windows is None else f"the first {settings.max_windows} windows"
+    calib = settings.budget.describe() if settings.budget is not None else "calibration as the recipes say"
+    return f"{calib}; perplexity on {windows} of {settings.seqlen} tokens"
+
+
+def _redirect_outputs(recipe, stem: str, out: Path, model_key: str, calib_texts: list[str] | None,
+                      budget: Budget | None = None):
     """A copy of ``recipe`` whose GPTQ checkpoints and rotation cache live under ``out`` (and, without text, whose
-    calibration data is the sampled text). The recipe file itself is never edited."""
+    calibration data is the sampled text; with a ``budget``, whose calibration sizes are the budget's). The recipe
+    file itself is never edited."""
     upd: dict[str, Any] = {}
     base = out / "checkpoints" / model_key / stem
     if recipe.gptq is not None:
-        g = {"checkpoint_dir": str(base / "gptq")}
+        g: dict[str, Any] = {"checkpoint_dir": str(base / "gptq")}
         if calib_texts is not None:
             g["dataset"] = calib_texts
+        if budget is not None:
+            g.update(nsamples=budget.gptq_nsamples, seqlen=budget.gptq_seqlen)
         upd["gptq"] = recipe.gptq.model_copy(update=g)
     if recipe.rotation_search is not None:
-        r = {"cache_path": str(base / "rotation.json")}
+        r: dict[str, Any] = {"cache_path": str(base / "rotation.json")}
+        if budget is not None:
+            r.update(calib_nsamples=budget.rotation_nsamples, calib_seqlen=budget.rotation_seqlen)
         if calib_texts is not None:
             r["dataset"] = calib_texts
         upd["rotation_search"] = recipe.rotation_search.model_copy(update=r)
@@ -176,11 +221,16 @@ def _log(settings: TableSettings, msg: str) -> None:
         print(f"[ptq table] {msg}", file=sys.stderr, flush=True)
 
 
-def _text_or_none(source, split, data_dir) -> str | None:
+def _text_or_error(source, split, data_dir) -> tuple[str | None, str | None]:
+    """(text, None), or (None, why it cannot be loaded)."""
     try:
-        return load_text(source, split, data_dir)
-    except PtqError:
-        return None
+        return load_text(source, split, data_dir), None
+    except PtqError as e:
+        return None, str(e)
+
+
+def _text_or_none(source, split, data_dir) -> str | None:
+    return _text_or_error(source, split, data_dir)[0]
 
 
 def _default_loader(name, *, dtype, device):
@@ -210,7 +260,7 @@ class _Plan:
 
 
 def _plan_evaluation(settings: TableSettings, ref, tok, bos, recipes, out: Path, device) -> _Plan:
-    text = _text_or_none(settings.source, settings.split, settings.data_dir)
+    text, why = _text_or_error(settings.source, settings.split, settings.data_dir)
     # recipes whose calibrated passes (GPTQ, rotation search) name text that cannot be loaded here
     calib_missing = sorted({stem for stem, r in recipes for cfg in (r.gptq, r.rotation_search)
                             if cfg is not None and _text_or_none(cfg.dataset, "validation", settings.data_dir) is None})
@@ -232,8 +282,8 @@ def _plan_evaluation(settings: TableSettings, ref, tok, bos, recipes, out: Path,
         w = _sampled(settings, ref, tok, bos, out, device, "evaluation", settings.sample_eval_n, settings.seed + 1)
         plan = _Plan("sampled", w["windows"], w["digest"])
         plan.notes.append(
-            f"No evaluation text was found ({settings.source!r} has no local file under PTQ_DATA_DIR and the "
-            f"Hugging Face hub is not reachable), so this table reports no perplexity: quality is the KL divergence "
+            f"No evaluation text was found ({settings.source!r} could not be loaded: {why}), so "
+            f"this table reports no perplexity: quality is the KL divergence "
             f"and top-1 agreement to the unquantized model on {settings.sample_eval_n} sequences of "
             f"{settings.sample_seqlen} tokens sampled from the unquantized model itself.")
     if sampled_calib is not None:
@@ -327,7 +377,7 @@ def run_table(
 
     for i, (label, recipe) in enumerate(loaded, start=2):
         run_recipe = _redirect_outputs(recipe, label, out, model_key,
-                                      plan.calib_texts if label in plan.calib_for else None)
+                                      plan.calib_texts if label in plan.calib_for else None, settings.budget)
         key = digest_json({"model": fp, "recipe": _recipe_identity(run_recipe), **eval_identity})
 
         def compute(run_recipe=run_recipe):
@@ -358,6 +408,9 @@ def run_table(
         "settings": asdict(settings),
         "device": str(device),
         "notes": plan.notes,
+        "budget": describe_budget(settings),
+        "text_origin": text_origin(settings.source, settings.split, settings.data_dir) if plan.mode == "perplexity"
+        else None,
         "rows": rows,
         "monotone": _monotone(rows, "ppl" if plan.mode == "perplexity" else "kl"),
         "seconds": time.perf_counter() - t_start,
@@ -418,12 +471,16 @@ def render_markdown(report: dict) -> str:
     ppl_mode = report["mode"] == "perplexity"
     lines = [f"# ptq table: {report['model']}", ""]
     if ppl_mode:
-        lines.append(f"Evaluation: `{s['source']}` ({s['split']}), non-overlapping windows of {s['seqlen']} tokens "
-                     f"({rows[0]['n_windows']} windows, {rows[0]['n_tokens']} predicted tokens), device "
+        origin = f", read from {report['text_origin']}" if report.get("text_origin") else ""
+        lines.append(f"Evaluation: `{s['source']}` ({s['split']}{origin}), non-overlapping windows of {s['seqlen']} "
+                     f"tokens ({rows[0]['n_windows']} windows, {rows[0]['n_tokens']} predicted tokens), device "
                      f"`{report['device']}`.")
     else:
         lines.append("**No text source was available: this table reports KL divergence and top-1 agreement to the "
                      "unquantized model on text sampled from that model, not perplexity.**")
+    if report.get("budget"):
+        quick = " (the quick table: `ptq table --full` runs the recipes' own calibration)" if s.get("budget") else ""
+        lines.append(f"Budget{quick}: {report['budget']}.")
     lines.append("")
     for n in report["notes"]:
         lines += [f"> {n}", ""]

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-if "PTQ_DATA_DIR" not in os.environ and (SHARED / "data").is_dir():
-    os.environ["PTQ_DATA_DIR"] = str(SHARED / "data")
+# Everything the tests read is in the repository: the texts embedded in ptq (ptq/_data) and the tiny model under
+# tests/fixtures. PTQ_DATA_DIR / PTQ_STORIES260K (e.g. ../shared/data) still override them.
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,18 +31,32 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
+def data_dir(tmp_path_factory) -> Path:
+    """A data directory in the PTQ_DATA_DIR layout: $PTQ_DATA_DIR when set, else the embedded texts written out
+    once per session (for tests that read the files themselves)."""
     d = os.environ.get("PTQ_DATA_DIR")
-    if not d or not Path(d).is_dir():
-        pytest.skip("no data directory: set PTQ_DATA_DIR (e.g. ../shared/data)")
-    return Path(d)
+    if d:
+        if not Path(d).is_dir():
+            raise pytest.UsageError(f"PTQ_DATA_DIR={d} is not a directory")
+        return Path(d)
+    import lzma
+
+    from ptq.data import _LOCAL_FILES, embedded_path
+
+    root = tmp_path_factory.mktemp("embedded-data")
+    for (source, split), rel in _LOCAL_FILES.items():
+        target = root / rel
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(lzma.decompress(embedded_path(source, split).read_bytes()))
+    return root
 
 
 @pytest.fixture(scope="session")
 def stories260k_path() -> Path:
-    p = Path(os.environ.get("PTQ_STORIES260K", SHARED / "models" / "stories260k"))
+    p = Path(os.environ.get("PTQ_STORIES260K", FIXTURES / "stories260k"))
     if not (p / "config.json").is_file():
-        pytest.skip("stories260k not found: set PTQ_STORIES260K or place ../shared/models/stories260k")
+        raise pytest.UsageError(f"stories260k not found at {p} (PTQ_STORIES260K or tests/fixtures/stories260k)")
     return p
 
 

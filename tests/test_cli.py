@@ -118,3 +118,20 @@ def test_import_ptq_is_light():
         assert callable(getattr(ptq, name)), name
     with pytest.raises(AttributeError):
         ptq.no_such_thing
+
+
+def test_python_dash_m_ptq_is_the_ptq_command(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from ptq.table import resolve_recipe_path
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    recipe = str(resolve_recipe_path("w4a4kv4"))
+    run = subprocess.run([sys.executable, "-m", "ptq", "validate", recipe], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert main(["validate", recipe]) == 0
+    assert run.stdout == capsys.readouterr().out
+    bad = subprocess.run([sys.executable, "-m", "ptq", "table", "--recipes", "no_such_recipe", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "neither a file nor a shipped recipe" in bad.stderr

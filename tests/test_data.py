@@ -1,8 +1,23 @@
+import hashlib
+import lzma
+import socket
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
-from ptq.data import calibration_windows, eval_windows, load_text, local_path, source_digest, tokenize
+from ptq.data import (EMBEDDED_DIR, calibration_windows, embedded_path, eval_windows, load_text, local_path,
+                      source_digest, text_origin, tokenize)
 from ptq.errors import PtqError
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# md5 of the original files (../shared/data/README.md); the embedded copies must decompress to exactly these bytes
+ORIGINALS = {
+    "wiki.test.raw.xz": ("wikitext-2/wiki.test.raw", "7c0137fc034ddbc56a296bce31b4f7fb", 1_290_590),
+    "wiki.valid.tokens.xz": ("wikitext-2/wiki.valid.tokens", "d756d22ab2310e7e60c094bea5c5a8eb", 1_121_681),
+    "tinystories.validation.txt.xz": ("tinystories/validation.txt", "191935e207102f3b0789aba6194be4c9", 794_375),
+}
 
 
 class CharTok:
@@ -37,10 +52,63 @@ def test_bad_sources_are_clear(tmp_path, monkeypatch):
     with pytest.raises(PtqError, match="non-empty list"):
         load_text([])
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(PtqError, match="no local copy"):
-        load_text("wikitext2", "test", data_dir=tmp_path)
+    with pytest.raises(PtqError, match="hf:wikitext.*switched off.*local text file"):
+        load_text("hf:wikitext:wikitext-2-raw-v1", "test")
     with pytest.raises(PtqError, match="unknown split"):
         local_path("wikitext2", "train")
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINALS))
+def test_embedded_texts_are_the_originals(name):
+    rel, md5, size = ORIGINALS[name]
+    raw = lzma.decompress((EMBEDDED_DIR / name).read_bytes())
+    assert len(raw) == size and hashlib.md5(raw).hexdigest() == md5
+    if (SHARED_DATA / rel).is_file():  # and byte-equal to the shared copy where this checkout has one
+        assert hashlib.md5((SHARED_DATA / rel).read_bytes()).hexdigest() == hashlib.md5(raw).hexdigest()
+    assert (EMBEDDED_DIR / "README.md").read_text().count(md5) == 1  # the licence README lists what is shipped
+
+
+def _no_network(monkeypatch):
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+def test_named_sources_default_to_the_embedded_copy_without_network(tmp_path, data_dir, monkeypatch):
+    for var in ("PTQ_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    attempts = _no_network(monkeypatch)
+    for (source, split), rel in [(("wikitext2", "test"), "wikitext-2/wiki.test.raw"),
+                                 (("wikitext2", "validation"), "wikitext-2/wiki.valid.tokens"),
+                                 (("tinystories", "test"), "tinystories/validation.txt")]:
+        assert "embedded" in text_origin(source, split)
+        assert load_text(source, split) == (data_dir / rel).read_text(encoding="utf-8")
+    assert not attempts
+    # a data_dir that has the file wins over the embedded copy; one that lacks it falls back to the embedded copy
+    (tmp_path / "tinystories").mkdir()
+    (tmp_path / "tinystories" / "validation.txt").write_text("my own stories")
+    assert load_text("tinystories", "test", tmp_path) == "my own stories"
+    assert text_origin("tinystories", "test", tmp_path) == str(tmp_path / "tinystories" / "validation.txt")
+    monkeypatch.setenv("PTQ_DATA_DIR", str(tmp_path))
+    assert load_text("tinystories") == "my own stories"
+    assert load_text("wikitext2", "test") == load_text("wikitext2", "test", data_dir)
+    assert embedded_path("wikitext2", "test").name == "wiki.test.raw.xz"
+
+
+def test_unreachable_hub_is_one_quick_clear_error(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    attempts = _no_network(monkeypatch)
+    t0 = time.perf_counter()
+    with pytest.raises(PtqError, match="not reachable.*local text file"):
+        load_text("hf:wikitext:wikitext-2-raw-v1", "test")
+    assert time.perf_counter() - t0 < 5 and len(attempts) == 1  # one probe, no retries
 
 
 def test_eval_windows_drop_partial_and_bos():

@@ -45,6 +45,27 @@ def test_bad_paths(tmp_path, monkeypatch):
         load_model("nobody-ptq-test/no-such-model")
 
 
+def test_unreachable_hub_is_one_quick_clear_error(monkeypatch, capsys):
+    import socket
+    import time
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match="not reachable.*not in the local Hugging Face cache.*--model DIR"):
+        load_model("nobody-ptq-test/no-such-model")
+    assert time.perf_counter() - t0 < 10 and len(attempts) == 1  # one probe, then the cache only: no retries
+    assert capsys.readouterr().err.count("loading nobody-ptq-test/no-such-model from the local Hugging Face cache") == 1
+
+
 def test_default_bos_id_none():
     class NoBos:
         bos_token_id = None

@@ -95,11 +95,10 @@ def test_table_rows_files_and_reuse(tmp_path, stories260k_path, data_dir, count_
 
 
 def test_table_without_any_text_reports_kl(tmp_path, stories260k_path, monkeypatch):
-    empty = tmp_path / "no-data"
-    empty.mkdir()
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    settings = _settings(tmp_path / "out", stories260k_path, [_recipe_with_width(tmp_path, 4)], source="wikitext2",
-                         split="test", data_dir=str(empty), sample_eval_n=2, sample_seqlen=48, plot=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # a hub-only source that cannot be loaded here
+    settings = _settings(tmp_path / "out", stories260k_path, [_recipe_with_width(tmp_path, 4)],
+                         source="hf:roneneldan/TinyStories", split="test", sample_eval_n=2, sample_seqlen=48,
+                         plot=False)
     report = run_table(settings)
     assert report["mode"] == "sampled"
     base, q4 = report["rows"]
@@ -158,3 +157,80 @@ def test_table_command_reports_user_errors(tmp_path, capsys):
 
     assert main(["table", "--recipes", "no_such_recipe", "--out", str(tmp_path)]) == 2
     assert "neither a file nor a shipped recipe" in capsys.readouterr().err
+
+
+def _no_network(monkeypatch) -> list:
+    import socket
+
+    for var in ("PTQ_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+def test_quick_table_is_offline_and_the_cpu_default(tmp_path, stories260k_path, monkeypatch, capsys):
+    import ptq.table as table_mod
+    from ptq.cli import main
+
+    attempts = _no_network(monkeypatch)
+    monkeypatch.setattr(table_mod, "QUICK_BUDGET", table_mod.Budget(4, 64, 2, 64))  # stories260k-sized
+    args = ["table", "--model", str(stories260k_path), "--recipes", "w4a4kv4", "w4a4kv4_gptq", "--seqlen", "64",
+            "--max-windows", "2", "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "o"), "--no-plot",
+            "--no-progress"]
+    assert main(args[:1] + ["--quick"] + args[1:]) == 0
+    assert not attempts, attempts  # the embedded texts and a local model: nothing asks the network
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("[ptq table] quick table (--quick): GPTQ calibration 4 x 64 tokens, rotation search 2 x 64 "
+                      "tokens per trial; perplexity on the first 2 windows of 64 tokens")
+    md = (tmp_path / "o" / "table.md").read_text()
+    assert "Budget (the quick table" in md and "GPTQ calibration 4 x 64 tokens" in md
+    assert "read from the copy embedded in ptq (wiki.test.raw.xz)" in md
+    rows = json.loads((tmp_path / "o" / "table.json").read_text())["rows"]
+    assert [r["n_windows"] for r in rows] == [2, 2, 2] and rows[2]["ppl"] > 0
+
+    # without --quick on a CPU the quick table is the default; it is the same table, so every row is reused
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("[ptq table] quick table (no CUDA device; --full for the recipes' own budget)")
+    assert sum("unchanged, reusing" in line for line in err) == 0  # --no-progress: quiet, but the table says it
+    assert (tmp_path / "o" / "table.md").read_text().count("whole row (unchanged)") == 3
+
+
+def test_interrupted_table_keeps_rows_and_checkpoints(tmp_path, stories260k_path, data_dir, monkeypatch, capsys):
+    """Ctrl-C in the middle of GPTQ: finished rows and GPTQ layers survive, and the rerun reuses both and says so."""
+    import ptq.table as table_mod
+    from ptq.cli import main
+    from ptq.passes.checkpoint import CheckpointStore
+
+    monkeypatch.setattr(table_mod, "QUICK_BUDGET", table_mod.Budget(4, 64, 2, 64))
+    real_save = CheckpointStore.save_layer
+
+    def save_then_interrupt(self, index, tensors):
+        real_save(self, index, tensors)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CheckpointStore, "save_layer", save_then_interrupt)
+    out = tmp_path / "o"
+    args = ["table", "--quick", "--model", str(stories260k_path), "--recipes", "w4a4kv4", "w4a4kv4_gptq",
+            "--source", _small_text(data_dir, tmp_path), "--seqlen", "64", "--max-windows", "2", "--dtype", "float32",
+            "--device", "cpu", "--out", str(out), "--no-plot"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"finished rows and checkpoints under {out} are kept" in err
+    assert len(list((out / "rows").glob("*.json"))) == 2  # unquantized and RTN were finished
+
+    monkeypatch.setattr(CheckpointStore, "save_layer", real_save)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "[1/3] unquantized: unchanged, reusing" in err and "[2/3] w4a4kv4: unchanged, reusing" in err
+    assert "[3/3] w4a4kv4_gptq: computing" in err
+    md = (out / "table.md").read_text()
+    assert "GPTQ: 2/5 layers from checkpoint" in md

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # runnable from a source checkout without install
 
 from ptq.table import TableSettings, render_markdown, resolve_recipe_path, run_table  # noqa: E402
 
-DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "stories260k"
+DEFAULT_MODEL = ROOT / "tests" / "fixtures" / "stories260k"
 
 # Calibration sized for a 260K-parameter model on a laptop CPU. The [gptq] / [rotation_search] keys given here
 # replace the shipped values key by key (``extends``); every selector is inherited unchanged.

@@ -11,7 +11,7 @@ EXAMPLES = """\
 examples:
   ptq eval --word-ppl                                      # built-in SmolLM2-135M, WikiText-2 test, seqlen 2048
   ptq eval --recipe w4a4kv4 --kl --max-windows 16          # quantized, with KL / top-1 to the unquantized model
-  ptq eval --model ../shared/models/stories260k --source tinystories --split validation --seqlen 256 --bos-windows
+  ptq eval --model tests/fixtures/stories260k --source tinystories --split validation --seqlen 256 --bos-windows
   ptq eval --recipe w4a4kv4 --lm-eval wikitext --seqlen 2048   # lm-eval itself (needs lm-eval installed)
 """
 

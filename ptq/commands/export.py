@@ -9,7 +9,7 @@ from ptq.commands import add_parser, add_quantize_arguments, load_and_quantize
 
 EPILOG = """\
 examples:
-  ptq export --model ../shared/models/stories260k --recipe recipes/w4a4kv4.toml --out out/stories-w4
+  ptq export --model tests/fixtures/stories260k --recipe recipes/w4a4kv4.toml --out out/stories-w4
   ptq export --model smollm2-135m --recipe recipes/mxfp4.toml --out out/smollm2-mxfp4 --device cuda --dtype bf16
   ptq eval --model out/smollm2-mxfp4 ...        (an exported directory loads like any model)
 

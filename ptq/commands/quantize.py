@@ -9,7 +9,7 @@ from ptq.commands import add_layer_by_layer_argument, add_parser, add_quantize_a
 
 EPILOG = """\
 examples:
-  ptq quantize --model ../shared/models/stories260k --recipe recipes/w4a4kv4.toml
+  ptq quantize --model tests/fixtures/stories260k --recipe recipes/w4a4kv4.toml
   ptq quantize --model smollm2-135m --recipe recipes/w4a4kv4_gptq.toml --out out/gptq --device cuda --dtype bf16
   torchrun --nproc-per-node 8 -m ptq.cli quantize --model DIR --recipe recipes/w4a4kv4_gptq.toml --out out/gptq
       (data-parallel GPTQ: calibration batches split over the ranks, statistics all-reduced, rank 0 writes)

@@ -11,7 +11,7 @@ from ptq.errors import ModelError, RecipeError
 EPILOG = """\
 examples:
   ptq validate recipes/w4a4kv4_gptq.toml
-  ptq validate recipes/w4a4kv4.toml --model ../shared/models/stories260k --strict
+  ptq validate recipes/w4a4kv4.toml --model tests/fixtures/stories260k --strict
   ptq validate my.toml --toml > merged.toml      # the merged recipe (extends resolved)
 
 exit codes: 0 valid, 1 invalid recipe (the message names the file, key path and fix), 2 other errors.

@@ -112,9 +112,20 @@ def floor_log2(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a > 0, k.to(torch.int32) - 1, torch.full_like(k, ZERO_EXP, dtype=torch.int32))
 
 
+def surely_finite(x: torch.Tensor) -> bool:
+    """True only when every element of ``x`` is finite, decided by one reduction instead of an ``isfinite`` mask.
+
+    A finite sum proves it (NaN and +-Inf poison a sum); a sum that overflows returns False, which only sends the
+    caller down its general path. On CUDA it always returns False: reading the answer would synchronise the device,
+    and the CPU is where the saved mask passes matter (the torch reference is the CPU path)."""
+    return x.device.type == "cpu" and x.numel() > 0 and bool(torch.isfinite(x.sum()))
+
+
 def finite_abs(x: torch.Tensor) -> torch.Tensor:
     """|x| with NaN / +-Inf replaced by 0: non-finite values never enter a scale (one bad value must not erase the
     other elements of its block)."""
+    if surely_finite(x):
+        return x.abs()
     return torch.where(torch.isfinite(x), x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -145,6 +156,8 @@ def round_signed(v: torch.Tensor, rounding: str, noise: torch.Tensor | None = No
 
 def restore_nonfinite(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """NaN stays NaN and +-Inf stays +-Inf, element-wise."""
+    if surely_finite(x):
+        return out
     return torch.where(torch.isfinite(x), out, x.to(out.dtype))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ptq.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, QuantSpec
-from ptq.quantizers.common import exp2i, finite_abs, floor_log2, round_magnitude
+from ptq.quantizers.common import exp2i, finite_abs, floor_log2, round_magnitude, surely_finite
 
 
 def minifloat_elements(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None = None,
@@ -25,7 +25,8 @@ def minifloat_elements(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | N
     a = v.abs()
     emax = spec.emax
     # Anything at or above 2^(emax+1) saturates anyway; capping E keeps the step inside fp32.
-    e = floor_log2(torch.where(torch.isfinite(a), a, torch.zeros_like(a))).clamp(min=spec.emin, max=emax + 1)
+    finite_a = a if surely_finite(a) else torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    e = floor_log2(finite_a).clamp(min=spec.emin, max=emax + 1)
     step = exp2i(e - spec.man_bits)
     n = round_magnitude(a / step, rounding, noise)
     q = torch.clamp(n * step, max=spec.max_normal)
@@ -38,8 +39,9 @@ def mxint_elements(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None 
     rounding = rounding or spec.rounding
     frac = float(1 << spec.mxint_frac_bits)
     m = torch.clamp(round_magnitude(v.abs() * frac, rounding, noise), max=float(spec.int_levels))
-    # Two's-complement codes have no -0, so a zero element is +0 whatever the sign of v.
-    m = torch.where(m > 0, torch.copysign(m, v), torch.zeros_like(m))
+    # Two's-complement codes have no -0, so a zero element is +0 whatever the sign of v: adding +0 turns -0 into +0
+    # and leaves every other value (and NaN, which callers restore from the input) as it is, in one pass.
+    m = torch.copysign(m, v) + 0.0
     return m / frac
 
 
