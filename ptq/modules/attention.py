@@ -76,12 +76,12 @@ _CACHE_PARAM_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past"
 # the parameters of the family eager functions that `quantized_eager_attention` reproduces
 _EAGER_PARAMS = {"module", "query", "key", "value", "attention_mask", "dropout", "scaling", "softcap"}
 
-# keyword arguments reaching the attention function that do not change its math for eager / sdpa masks (the sliding
-# window is already part of the mask transformers builds; the rest is bookkeeping)
-_NEUTRAL_KWARGS = frozenset({
-    "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
-    "sliding_window", "is_causal", "position_embeddings", "kwargs", *_CACHE_PARAM_NAMES,
-})
+# keyword arguments through which transformers' attention functions add terms to the math (attention sinks, position
+# biases, head masks); `quantized_eager_attention` implements none of them. Every other extra keyword is bookkeeping
+# that the family eager function (whose own parameters `attention_support` checks) ignores as well; the sliding window
+# is already part of the masks transformers builds for eager and sdpa.
+_MATH_KWARGS = frozenset({"s_aux", "sinks", "position_bias", "head_mask", "layer_head_mask", "alibi", "attn_bias",
+                          "attention_bias", "logit_softcapping"})
 
 # families AttentionMX is tested on (tests/families.py), named in refusals
 _TESTED = ("LlamaAttention, MistralAttention, Qwen2/3Attention, Gemma2/3Attention, Phi3Attention, Olmo2Attention, "
@@ -302,13 +302,25 @@ def _leaf_caches(cache) -> list:
     return nested or [cache]
 
 
-def _patch_update(cache, write_kv: Callable, undo: list) -> None:
+def _seen_tokens(cache, layer_idx) -> int:
+    try:
+        return int(cache.get_seq_length(layer_idx))
+    except (AttributeError, IndexError, TypeError):  # the pass-through stand-in; a layer not created yet
+        return 0
+
+
+def _patch_update(cache, module: "AttentionMX", undo: list) -> None:
     original = cache.update  # bound before patching: the class's update (or an outer patch)
     previous = cache.__dict__.get("update", _MISSING)
 
     def update(key_states, value_states, *args, **kwargs):
-        key_states, value_states = write_kv(key_states, value_states)
-        return original(key_states, value_states, *args, **kwargs)
+        key_states, value_states = module._write_kv(key_states, value_states)
+        seen = _seen_tokens(cache, module.layer_idx) if module.eager else 0
+        keys, values = original(key_states, value_states, *args, **kwargs)
+        if module.eager:
+            # absolute position of the first key attention reads: > 0 once a sliding-window cache dropped tokens
+            module.__dict__["_key_offset"] = max(0, seen + key_states.shape[-2] - keys.shape[-2])
+        return keys, values
 
     cache.update = update
 
@@ -352,15 +364,30 @@ def _repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
 
+def _quantize_key_axis(probs: torch.Tensor, spec: QuantSpec | None, key_offset: int) -> torch.Tensor:
+    """Probabilities [b, h, q, kv] quantized along the key axis in blocks aligned to absolute key positions: keys
+    start at position ``key_offset`` (a sliding-window cache that dropped old keys), and the dropped positions are
+    zeros (masked) in a full forward, so zero padding on the left gives the blocks a full forward sees."""
+    if spec is None:
+        return probs
+    pad = key_offset % spec.block_size
+    if pad == 0:
+        return _fake_quantize(probs, spec)
+    padded = nn.functional.pad(probs, (pad, 0))
+    return _fake_quantize(padded, spec)[..., pad:]
+
+
 def quantized_eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                               specs: _AxisSpecs, *, scaling: float | None = None, dropout: float = 0.0,
                               softcap: float | None = None, training: bool = False, is_causal: bool = True,
-                              where: str = "attention", **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                              key_offset: int = 0, where: str = "attention",
+                              **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with qk / softmax / av quantization; with those bypassed it is transformers' eager attention
     (Gemma 2's softcap included) op for op. query [b, h, q, d], key / value [b, h_kv, kv, d] (GQA by shapes).
     ``attention_mask``: float (additive) or bool (True = attend) [b, 1|h, q, kv], or None (sdpa's convention:
-    causal, upper-left aligned, when q_len > 1 and ``is_causal``). Returns (output [b, q, h, d], probabilities)."""
-    extra = sorted(k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_KWARGS)
+    causal, upper-left aligned, when q_len > 1 and ``is_causal``). ``key_offset``: the absolute position of the first
+    key (see `_quantize_key_axis`). Returns (output [b, q, h, d], probabilities)."""
+    extra = sorted(k for k, v in kwargs.items() if v is not None and k in _MATH_KWARGS)
     if extra:
         raise ModelError(f"{where}: the model passes {', '.join(extra)} to attention, which ptq's quantized eager "
                          f"attention does not implement; bypass qk_matmul / softmax / av_matmul for this module")
@@ -398,9 +425,9 @@ def quantized_eager_attention(query: torch.Tensor, key: torch.Tensor, value: tor
         weights = weights.masked_fill(~causal, torch.finfo(weights.dtype).min)
 
     weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = _fake_quantize(weights, specs.softmax)
+    weights = _quantize_key_axis(weights, specs.softmax, key_offset)
     weights = nn.functional.dropout(weights, p=dropout, training=training)
-    probs = _fake_quantize(weights, specs.av_probs)
+    probs = _quantize_key_axis(weights, specs.av_probs, key_offset)
     out = torch.matmul(probs, value)
     return out.transpose(1, 2).contiguous(), weights
 
@@ -496,7 +523,7 @@ class AttentionMX(nn.Module):
                   or self.v_rotation is not None)
         if not (writes_kv or routes):
             return super().forward(*args, **kwargs)
-        undo: list[Callable[[], None]] = []
+        undo: list[Callable[[], None]] = [lambda: self.__dict__.pop("_key_offset", None)]
         try:
             if writes_kv:
                 args, kwargs = self._intercept_cache_writes(args, kwargs, undo)
@@ -520,7 +547,7 @@ class AttentionMX(nn.Module):
             for leaf in (_leaf_caches(cache) if isinstance(cache, Cache) else [cache]):
                 if id(leaf) not in seen:
                     seen.add(id(leaf))
-                    _patch_update(leaf, self._write_kv, undo)
+                    _patch_update(leaf, self, undo)
         return args, kwargs
 
     def _with_cache_argument(self, args: tuple, kwargs: dict, cache) -> tuple[tuple, dict]:
@@ -569,6 +596,7 @@ class AttentionMX(nn.Module):
             out, weights = quantized_eager_attention(
                 query, key, value, attention_mask, self._specs, training=self.training,
                 is_causal=kwargs.pop("is_causal", None) is not False and getattr(self, "is_causal", True),
+                key_offset=self.__dict__.pop("_key_offset", 0),
                 where=f"{type(self).__name__} layer {self.layer_idx}", **kwargs)
         else:
             fn = self._support.interface.get_interface(impl, self._support.eager_attention)
