@@ -7,6 +7,8 @@ bit-identical to the original model (also when routed through ptq's attention fu
 quantization runs where the family dispatches attention through transformers (refused with a ModelError where not).
 """
 
+import inspect
+
 import pytest
 import torch
 from families import FAMILIES, tiny_model
@@ -60,9 +62,10 @@ def supports_attention_points(model) -> bool:
 def incremental_logits(model, ids: torch.Tensor, prefill: int = 20) -> tuple[torch.Tensor, DynamicCache]:
     """Prefill ``prefill`` tokens, then one token at a time with a DynamicCache; the logits of every position."""
     cache = DynamicCache(config=model.config)
-    out = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24 / 5.17
+    out = [model(ids[:, :prefill], use_cache=True, **{name: cache}).logits]
     for t in range(prefill, ids.shape[1]):
-        out.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        out.append(model(ids[:, t:t + 1], use_cache=True, **{name: cache}).logits)
     return torch.cat(out, dim=1), cache
 
 

@@ -84,10 +84,10 @@ _MATH_KWARGS = frozenset({"s_aux", "sinks", "position_bias", "head_mask", "layer
                           "attention_bias", "logit_softcapping"})
 
 # families AttentionMX is tested on (tests/families.py), named in refusals
-_TESTED = ("LlamaAttention, MistralAttention, Qwen2/3Attention, Gemma2/3Attention, Phi3Attention, Olmo2Attention, "
-           "GraniteAttention, CohereAttention, GPTNeoXAttention, Starcoder2Attention, SmolLM3Attention, "
-           "MixtralAttention, Qwen2Moe/Qwen3MoeAttention, OPTAttention, GPT2Attention (all points); FalconAttention "
-           "(kv_cache only)")
+TESTED_ATTENTION = ("LlamaAttention, MistralAttention, Qwen2/3Attention, Gemma2/3Attention, Phi3Attention, Olmo2Attention, "
+                    "GraniteAttention, CohereAttention, GPTNeoXAttention, Starcoder2Attention, SmolLM3Attention, "
+                    "MixtralAttention, Qwen2Moe/Qwen3MoeAttention, OPTAttention, GPT2Attention (all points); FalconAttention "
+                    "(kv_cache only)")
 
 
 def _along(spec: QuantSpec | None, axis: int) -> QuantSpec | None:
@@ -239,7 +239,7 @@ def check_attention_config(module: nn.Module, cfg: AttentionQuantConfig, *, rota
     name = _base_attention_class(type(module)).__name__
     if not support.kv_cache:
         raise ModelError(f"attention class {name} cannot be quantized by AttentionMX: {support.refusal}. Leave it out "
-                         f"of the recipe (or select it with bypass = true). Supported: {_TESTED}")
+                         f"of the recipe (or select it with bypass = true). Supported: {TESTED_ATTENTION}")
     if not isinstance(cfg, AttentionQuantConfig):
         raise ModelError(f"AttentionMX needs an AttentionQuantConfig, got {type(cfg).__name__}")
     wanted = [f for f in ("rope", "qk_matmul", "softmax", "av_matmul") if getattr(cfg, f) is not None]
@@ -638,5 +638,5 @@ def attention_mx_class(attn_cls: type) -> type:
     if not support.kv_cache:
         raise ModelError(f"attention class {attn_cls.__module__}.{attn_cls.__name__} is not supported by AttentionMX: "
                          f"{support.refusal}. Leave it out of the recipe (or select it with bypass = true). "
-                         f"Supported: {_TESTED}")
+                         f"Supported: {TESTED_ATTENTION}")
     return _make_mx_class(attn_cls)

@@ -52,7 +52,7 @@ def _plan_one(model: nn.Module, name: str, cfg) -> tuple[nn.Module, LinearQuantC
     """Check one ``name -> cfg`` entry without touching the model; returns the module, the config to give it and
     the action: ``"swap"``, ``"reconfigure"`` (swapped before) or ``"skip"`` (a bypass selector on a module of no
     swappable kind: bypass means "leave as is", so a broad bypass regex may cover norms and MLP containers)."""
-    from ptq.modules.attention import AttentionMX, attention_support, check_attention_config
+    from ptq.modules.attention import TESTED_ATTENTION, AttentionMX, attention_support, check_attention_config
 
     if not isinstance(cfg, (LinearQuantConfig, AttentionQuantConfig)):
         raise ModelError(
@@ -80,7 +80,8 @@ def _plan_one(model: nn.Module, name: str, cfg) -> tuple[nn.Module, LinearQuantC
         raise ModelError(
             f"module {name!r} is a {cls_name}, but an attention config (kv_cache / qk_matmul / av_matmul / softmax / "
             f"rope) applies only to attention modules whose forward writes K / V through a transformers Cache "
-            f"({cls_name}: {attention_support(type(module)).refusal}); fix the selector")
+            f"({cls_name}: {attention_support(type(module)).refusal}); fix the selector. Supported: "
+            f"{TESTED_ATTENTION}")
     swapped = isinstance(module, AttentionMX)
     try:
         check_attention_config(module, cfg, rotations=swapped and module._has_rotations,
