@@ -153,14 +153,21 @@ class AttentionSupport:
     def attention_points(self) -> bool:
         return self.refusal is None and self.dispatch_refusal is None
 
+    @property
+    def eager_points(self) -> bool:
+        """Whether qk_matmul / softmax / av_matmul quantization is supported."""
+        return self.attention_points and self.eager_refusal is None
+
     def describe(self) -> str:
+        """One line: what works for the class and, where something does not, why."""
+        name = self.cls.__name__
         if self.refusal:
-            return f"{self.cls.__name__}: not supported ({self.refusal})"
+            return f"{name}: not supported ({self.refusal})"
         if self.dispatch_refusal:
-            return f"{self.cls.__name__}: kv_cache only ({self.dispatch_refusal})"
-        extra = f"; qk/softmax/av not supported ({self.eager_refusal})" if self.eager_refusal else ""
-        return f"{self.cls.__name__}: kv_cache, rope, rotations{'' if extra else ', qk_matmul, softmax, av_matmul'}" \
-               + extra
+            return f"{name}: kv_cache only ({self.dispatch_refusal})"
+        if self.eager_refusal:
+            return f"{name}: kv_cache, rope, rotations; not qk_matmul / softmax / av_matmul ({self.eager_refusal})"
+        return f"{name}: kv_cache, rope, rotations, qk_matmul, softmax, av_matmul"
 
 
 def _base_attention_class(cls: type) -> type:
