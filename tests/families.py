@@ -51,7 +51,11 @@ def tiny_config(family: str):
     cls_name, kwargs = FAMILIES[family]
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg = getattr(transformers, cls_name)(**ids, **kwargs)
-    cfg._attn_implementation = "sdpa"
+    # sdpa where the family supports it (Gemma 2 lost sdpa support in transformers 5.24: eager there)
+    from transformers import AutoModelForCausalLM
+
+    model_cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+    cfg._attn_implementation = "sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager"
     return cfg
 
 

@@ -45,13 +45,13 @@ def _config_label(cfg) -> str:
 
 def _kind(module: nn.Module) -> str | None:
     """"linear" / "experts" / "attention" for modules this pass can swap (or has swapped), None otherwise."""
-    from ptq.modules.attention import SUPPORTED_ATTENTION, AttentionMX
+    from ptq.modules.attention import is_attention_module
 
     if isinstance(module, (nn.Linear, LinearMX)) or is_conv1d(module):
         return "linear"
     if is_experts_module(module):
         return "experts"
-    if isinstance(module, AttentionMX) or type(module) in SUPPORTED_ATTENTION:
+    if is_attention_module(module):
         return "attention"
     return None
 
@@ -60,7 +60,7 @@ def _plan_one(model: nn.Module, name: str, cfg) -> tuple[nn.Module, LinearQuantC
     """Check one ``name -> cfg`` entry without touching the model; returns the module, the config to give it and
     the action: ``"swap"``, ``"reconfigure"`` (swapped before) or ``"skip"`` (a bypass selector on a module of no
     swappable kind: bypass means "leave as is", so a broad bypass regex may cover norms and MLP containers)."""
-    from ptq.modules.attention import SUPPORTED_ATTENTION, AttentionMX
+    from ptq.modules.attention import TESTED_ATTENTION, AttentionMX, attention_support, check_attention_config
 
     if not isinstance(cfg, (LinearQuantConfig, AttentionQuantConfig)):
         raise ModelError(
@@ -88,17 +88,18 @@ def _plan_one(model: nn.Module, name: str, cfg) -> tuple[nn.Module, LinearQuantC
             check_experts_layout(module)
         return module, cfg, "reconfigure" if isinstance(module, (LinearMX, ExpertsMX)) else "swap"
     if kind != "attention":
-        supported = ", ".join(c.__name__ for c in SUPPORTED_ATTENTION)
         raise ModelError(
             f"module {name!r} is a {cls_name}, but an attention config (kv_cache / qk_matmul / av_matmul / softmax / "
-            f"rope) applies only to attention modules of class {supported}; fix the selector")
-    impl = getattr(module.config, "_attn_implementation", None)
-    if cfg.needs_eager and impl not in (None, "eager", "sdpa"):
-        raise ModelError(
-            f"module {name!r}: qk_matmul / av_matmul / softmax quantization computes attention eagerly from the "
-            f"masks transformers builds for 'eager' or 'sdpa', but this model uses attn_implementation={impl!r}; "
-            f"load it with attn_implementation='sdpa' (or 'eager'), or quantize only kv_cache / rope")
-    return module, cfg, "reconfigure" if isinstance(module, AttentionMX) else "swap"
+            f"rope) applies only to attention modules whose forward writes K / V through a transformers Cache "
+            f"({cls_name}: {attention_support(type(module)).refusal}); fix the selector. Supported: "
+            f"{TESTED_ATTENTION}")
+    swapped = isinstance(module, AttentionMX)
+    try:
+        check_attention_config(module, cfg, rotations=swapped and module._has_rotations,
+                               force_eager=swapped and module.force_eager)
+    except ModelError as e:
+        raise ModelError(f"module {name!r}: {e}") from None
+    return module, cfg, "reconfigure" if swapped else "swap"
 
 
 def _apply_one(model: nn.Module, name: str, module: nn.Module, cfg, action: str) -> nn.Module:
