@@ -176,11 +176,12 @@ def test_kv_cache_only_equals_hand_written_emulation(model_name, stories_path):
     plain = load_model(model_name, stories_path, "eager")
     ids = tokens(plain)
     want = logits(emu, ids)
-    for impl, atol in (("eager", 0.0), ("sdpa", 1e-5)):
+    # sdpa reduces in another order than the eager emulation: a few ulp of logits ~15 (seen: 1.3e-5, 8.7e-7 relative)
+    for impl, rtol, atol in (("eager", 0.0, 0.0), ("sdpa", 2e-6, 1e-5)):
         model = load_model(model_name, stories_path, impl)
         info = swap_modules(model, {n: cfg for n in attention_names(model)})
         assert info["eager_attention"] == []  # kv-only keeps the model's kernel
-        torch.testing.assert_close(logits(model, ids), want, rtol=0, atol=atol)
+        torch.testing.assert_close(logits(model, ids), want, rtol=rtol, atol=atol)
     assert (want - logits(plain, ids)).abs().max() > 1e-3
 
 

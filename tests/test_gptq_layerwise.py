@@ -39,9 +39,9 @@ def recipe(tmp_path, name, checkpoint_dir, **extra):
         [gptq.weight_config]
         weight_block_size = 32
         weight_width = 4
-        ['model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj']
+        ['layers\\.\\d+\\.(q|k|v|qkv|o)']
         gptq = true
-        ['model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj']
+        ['layers\\.\\d+\\.(gate|up|gate_up|down|experts)']
         gptq = true
         """))
     return p
