@@ -86,6 +86,7 @@ class ResidualLayout:
     lm_head: nn.Module
     hidden: int
     tied: bool
+    config: object = None  # the model's config (untying edits tie_word_embeddings)
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -178,7 +179,8 @@ def discover_layout(model: nn.Module) -> ResidualLayout:
     _check_rms_norm(final_norm, "model.norm", hidden)
     if lm_head.in_features != hidden:
         raise ModelError(f"rotation_learn: lm_head reads {lm_head.in_features} features, the residual has {hidden}")
-    return ResidualLayout(embed, tuple(out), final_norm, lm_head, hidden, lm_head.weight is embed.weight)
+    return ResidualLayout(embed, tuple(out), final_norm, lm_head, hidden, lm_head.weight is embed.weight,
+                          getattr(model, "config", None))
 
 
 # ---- orthogonal parameterisation ------------------------------------------------------------------------------
@@ -368,6 +370,10 @@ class LearnedRotations(nn.Module):
                 layer.input_norm.weight.data.fill_(1)
                 layer.post_attn_norm.weight.data.fill_(1)
             lay.final_norm.weight.data.fill_(1)
+        if untied and lay.config is not None:  # so that saving and reloading the model does not tie them again
+            text = lay.config.get_text_config() if hasattr(lay.config, "get_text_config") else lay.config
+            for c in (lay.config, text):
+                c.tie_word_embeddings = False
         return {"untied_embeddings": untied}
 
 
