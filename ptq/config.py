@@ -152,6 +152,9 @@ class RotationLearnConfig(_Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
     loss: Literal["ce", "kl"] = "kl"  # next-token CE of the quantized model, or KL to the unquantized model
+    quantize_weights: bool = True  # false: only activations / KV are quantized while learning (GPTQ comes after)
+    keep_best: bool = True  # evaluate the loss on all calibration windows every eval_every steps (and at the end)
+    eval_every: int = Field(25, ge=1)  # and keep the best rotations seen, the start included; false: keep the last
     r1_block_size: int | None = None
     r2_block_size: int | None = None
     random_signs: bool = True  # randomised Hadamard (H times a random +-1 diagonal) as the start

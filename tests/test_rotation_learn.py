@@ -228,7 +228,7 @@ def test_learned_model_is_exact_without_quantization_and_orthogonal(stories260k_
 
     rl.LearnedRotations.fuse = keep
     try:
-        model, info = _run(stories260k_path, tok, _learn_recipe(steps=3))
+        model, info = _run(stories260k_path, tok, _learn_recipe(steps=3, extra="keep_best = false"))
     finally:
         rl.LearnedRotations.fuse = orig
     learned = rots["r"]
@@ -256,14 +256,16 @@ def test_loss_decreases_and_held_out_perplexity_does_not_get_worse(stories260k_p
     windows = eval_windows(tokenize(tok, held), 64, bos_id=1)[:16]
     out = {}
     for steps in (0, 12):
-        model, info = _run(stories260k_path, tok, _learn_recipe(steps=steps, n=8, lr=3e-3,
-                                                               dataset=json.dumps([calib])))
+        model, info = _run(stories260k_path, tok, _learn_recipe(steps=steps, n=8, seqlen=64, lr=1e-3,
+                                                               dataset=json.dumps([calib]),
+                                                               extra="keep_best = false\nr1_block_size = 32"))
         out[steps] = (info["rotation_learn"], math.exp(quantized_ce(model, windows, 8, "cpu")))
-    start, end = out[12][0]["calib_ce_start"], out[12][0]["calib_ce_end"]
-    print(f"\ncalibration CE {start:.4f} -> {end:.4f}; held-out ppl {out[0][1]:.3f} (Hadamard start) -> "
-          f"{out[12][1]:.3f} (learned, 12 steps)")
-    assert out[0][0]["calib_ce_end"] == pytest.approx(start, abs=1e-6)  # step 0 is the Hadamard start
-    assert end < start
+    learned = out[12][0]
+    print(f"\ncalibration KL {learned['calib_kl_start']:.4f} -> {learned['calib_kl_end']:.4f}, CE "
+          f"{learned['calib_ce_start']:.4f} -> {learned['calib_ce_end']:.4f}; held-out ppl {out[0][1]:.3f} "
+          f"(Hadamard start) -> {out[12][1]:.3f} (learned, 12 steps)")
+    assert out[0][0]["calib_kl_end"] == pytest.approx(learned["calib_kl_start"], abs=1e-6)  # step 0 = the start
+    assert learned["calib_kl_end"] < learned["calib_kl_start"]
     assert out[12][1] <= out[0][1]
 
 

@@ -27,6 +27,11 @@ function of the seed and the step, so a resumed run sees the same batches) and m
 cross-entropy of the quantized model (``loss = "ce"``) or the KL divergence from the unquantized model (``"kl"``;
 its logits come from the same model with every quantizer bypassed, which the rotations leave unchanged).
 
+``keep_best``: every ``eval_every`` steps and at the end, the loss is measured on all calibration windows, and the
+rotations with the lowest such loss (the start included) are the ones fused, so a too-large learning rate or noisy
+steps cannot leave the model worse on its calibration data than the Hadamard start. ``quantize_weights = false``
+trains with the weights unquantized (only activations and the KV cache), as SpinQuant does when GPTQ follows.
+
 Before training, a probe checks on a short window that the rotated model with quantization bypassed reproduces the
 unrotated one; an architecture where that fails (post-norms, mean-subtracting LayerNorm, scaled norms) is refused
 with ``ModelError`` and left untouched.
@@ -254,17 +259,19 @@ def rotated_linear(role: str, w: torch.Tensor, b: torch.Tensor | None, r1: torch
     return w, b
 
 
-def _linear_forward(mod: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _linear_forward(mod: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                    quantize_weight: bool = True) -> torch.Tensor:
     """``mod``'s forward with weight ``w`` / bias ``b`` (float, differentiable) in place of its Parameters; for a
-    `LinearMX` the same computation as its own forward (online rotation, quantizers)."""
+    `LinearMX` the same computation as its own forward (online rotation, quantizers; the weight quantizer only with
+    ``quantize_weight``)."""
     from ptq.modules.linear import LinearMX, _fake_quantize
 
     if not isinstance(mod, LinearMX):
         return F.linear(x, w.to(mod.weight.dtype), b.to(mod.weight.dtype) if b is not None else None)
-    w = w.to(torch.float32)
+    w = w.to(mod.weight.dtype).to(torch.float32)  # what weight_to_quantize will see once fused
     if mod.rotation is not None and mod.rotation_mode == "matched":
         w = mod.rotation(w).to(torch.float32)
-    wq = _fake_quantize(w, mod.cfg.weight).to(mod.weight.dtype)
+    wq = _fake_quantize(w, mod.cfg.weight if quantize_weight else None).to(mod.weight.dtype)
     bq = _fake_quantize(b.to(mod.weight.dtype), mod.cfg.bias) if b is not None else None
     return F.linear(mod.prepare_input(x), wq, bq)
 
@@ -314,7 +321,7 @@ class LearnedRotations(nn.Module):
         return out
 
     @contextmanager
-    def installed(self, model: nn.Module):
+    def installed(self, model: nn.Module, quantize_weights: bool = True):
         """Replace the affected modules' forwards by ones using the current rotations (float32, differentiable).
         The rotation matrices are computed once per model forward (a pre-hook on ``model`` drops them)."""
         cache: dict[str, tuple | None] = {"mats": None}
@@ -329,7 +336,7 @@ class LearnedRotations(nn.Module):
                 return lambda x: unit_rms_norm(mod, x)
             if kind == "embedding":
                 return lambda ids: F.embedding(ids, fn(*mats()).to(mod.weight.dtype), mod.padding_idx)
-            return lambda x: _linear_forward(mod, x, *fn(*mats()))
+            return lambda x: _linear_forward(mod, x, *fn(*mats()), quantize_weights)
 
         saved = []
         hook = model.register_forward_pre_hook(lambda *_: cache.update(mats=None))
@@ -432,14 +439,28 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
 @torch.no_grad()
 def quantized_ce(model: nn.Module, windows: torch.Tensor, batch: int, device) -> float:
     """Mean next-token CE (nats) of the model as it is over ``windows``."""
-    total, count = 0.0, 0
+    return calibration_losses(model, windows, batch, device, kl=False)["ce"]
+
+
+@torch.no_grad()
+def calibration_losses(model: nn.Module, windows: torch.Tensor, batch: int, device, kl: bool = True) -> dict:
+    """Mean next-token CE of the model as it is, and (``kl``) the mean per-token KL divergence from the same model
+    with quantization bypassed, over ``windows``."""
+    ce, div, count = 0.0, 0.0, 0
     for s in range(0, windows.shape[0], batch):
         ids = windows[s:s + batch].to(device)
         logits = _logits(model, ids)
-        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                 reduction="sum").item()
+        ce += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                              reduction="sum").item()
         count += ids[:, 1:].numel()
-    return total / count
+        if kl:
+            with quantization_bypassed(model):
+                teacher = _logits(model, ids)
+            div += _kl(logits, teacher).item() * ids.numel()
+    out = {"ce": ce / count}
+    if kl:
+        out["kl"] = div / windows.numel()
+    return out
 
 
 # ---- checkpoint -----------------------------------------------------------------------------------------------
@@ -533,33 +554,39 @@ class RotationLearnPass:
         rots = LearnedRotations(layout, cfg, device)
         path = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
         state = load_checkpoint(path, fingerprint, ctx.resume) if path is not None else None
+        if state is not None and state["step"] > cfg.steps:
+            raise CheckpointError(f"rotation_learn: the checkpoint {path} has {state['step']} steps, more than the "
+                                  f"{cfg.steps} asked for; raise steps or delete the checkpoint")
         self._probe(model, rots, windows[:1, :64].to(device))
 
         opt = self._optimizer(rots, cfg)
         history: list[float] = []
-        start, ce_start = 0, None
+        start, before, best = 0, None, None
         if state is not None:
-            if state["step"] > cfg.steps:
-                raise CheckpointError(f"rotation_learn: the checkpoint {path} has {state['step']} steps, more than "
-                                      f"the {cfg.steps} asked for; raise steps or delete the checkpoint")
             rots.load_state_dict(state["rotations"])
             opt.load_state_dict(state["optimizer"])
-            start, history, ce_start = state["step"], list(state["history"]), state["ce_start"]
+            start, history, before, best = state["step"], list(state["history"]), state["before"], state["best"]
         info = {"rotations": list(cfg.rotations), "loss": cfg.loss, "steps": cfg.steps, "resumed_at": start,
                 "checkpoint_path": cfg.checkpoint_path, "checkpoint_loaded": state is not None}
         bs = cfg.batch_size
-        with torch.enable_grad(), _frozen(model), rots.installed(model):
-            if ce_start is None:
-                ce_start = quantized_ce(model, windows, bs, device)
+        with torch.enable_grad(), _frozen(model), rots.installed(model, cfg.quantize_weights):
+            if before is None:
+                before = calibration_losses(model, windows, bs, device)
+                best = {"step": 0, "loss": before[cfg.loss], "rotations": _copy(rots.state_dict())}
             if start < cfg.steps:
-                self._train(model, rots, opt, windows, cfg, ctx, start, history, ce_start, fingerprint, path, device)
-            ce_end = quantized_ce(model, windows, bs, device)
+                best = self._train(model, rots, opt, windows, cfg, ctx, start, history, before, best, fingerprint,
+                                   path, device)
+            if cfg.keep_best:
+                rots.load_state_dict(best["rotations"])
+            after = calibration_losses(model, windows, bs, device)
         info.update(rots.fuse())
-        info.update({"calib_ce_start": ce_start, "calib_ce_end": ce_end, "loss_history": history,
+        info.update({"calib_ce_start": before["ce"], "calib_ce_end": after["ce"], "calib_kl_start": before["kl"],
+                     "calib_kl_end": after["kl"], "kept_step": best["step"] if cfg.keep_best else cfg.steps,
+                     "evaluations": best.get("evaluations", []), "loss_history": history,
                      "trained_steps": cfg.steps - start, "seconds": time.perf_counter() - t0})
         return info
 
-    def _train(self, model, rots, opt, windows, cfg, ctx, start, history, ce_start, fingerprint, path, device):
+    def _train(self, model, rots, opt, windows, cfg, ctx, start, history, before, best, fingerprint, path, device):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="rotation_learn", unit="step", disable=not ctx.progress)
@@ -581,12 +608,20 @@ class RotationLearnPass:
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]:.4f}")
             done = step + 1
+            if cfg.keep_best and (done % cfg.eval_every == 0 or done == cfg.steps):
+                with torch.no_grad():
+                    loss_now = calibration_losses(model, windows, cfg.batch_size, device)[cfg.loss]
+                evals = best.get("evaluations", []) + [[done, loss_now]]
+                if loss_now < best["loss"]:
+                    best = {"step": done, "loss": loss_now, "rotations": _copy(rots.state_dict())}
+                best["evaluations"] = evals
             if path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                 save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": done,
                                        "rotations": rots.state_dict(), "optimizer": opt.state_dict(),
-                                       "history": history, "ce_start": ce_start})
+                                       "history": history, "before": before, "best": best})
             _after_step(done)
         bar.close()
+        return best
 
     @staticmethod
     def _optimizer(rots: LearnedRotations, cfg: RotationLearnConfig) -> torch.optim.Optimizer:
@@ -632,6 +667,10 @@ class RotationLearnPass:
         src = cfg.dataset if isinstance(cfg.dataset, str) else list(cfg.dataset)
         return windows, {"dataset": src, "nsamples": cfg.calib_nsamples, "seqlen": cfg.calib_seqlen,
                          "seed": cfg.seed, "bos_id": bos}
+
+
+def _copy(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 @contextmanager
