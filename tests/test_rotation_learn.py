@@ -308,6 +308,22 @@ def test_deterministic_and_resume_equals_uninterrupted(stories260k_path, tok, da
         _run(stories260k_path, tok, _learn_recipe(steps=2, extra=f'checkpoint_path = "{ck.as_posix()}"'))
 
 
+def test_fusing_refreshes_weights_cached_before(stories260k_path, tok, data_dir):
+    """A LinearMX that cached its quantized weight (e.g. during rotation_search) must not keep the stale one."""
+    from ptq.passes.base import PassContext
+    from ptq.passes.pipeline import quantize_module_transform_pass
+    from ptq.passes.rotation_learn import RotationLearnPass
+    from ptq.quantizers import fake_quantize
+
+    model, _ = quantize_module_transform_pass(_fresh(stories260k_path), RTN, progress=False)
+    with torch.no_grad():
+        model(input_ids=torch.arange(1, 9).view(1, -1))  # fills every LinearMX weight cache
+    RotationLearnPass().run(model, _learn_recipe(steps=1), PassContext(tokenizer=tok, device="cpu", progress=False))
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        mod = model.model.layers[1].get_submodule(name)
+        assert torch.equal(mod.effective_weight(), fake_quantize(mod.weight_to_quantize(), mod.cfg.weight)), name
+
+
 def test_gptq_quantizes_the_rotated_weights(stories260k_path, tok, data_dir, monkeypatch):
     import ptq.passes.gptq as gp
     from ptq.recipe import load_recipe

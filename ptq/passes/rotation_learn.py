@@ -360,23 +360,24 @@ class LearnedRotations(nn.Module):
         r1, r2s = self.matrices(torch.float64)
         updates = [(mod, fn(r1, r2s)) for mod, kind, fn in self.plan() if kind != "norm"]
         untied = False
+        # in place through the Parameters (not .data), so their version counters move and LinearMX drops the
+        # quantized weights it cached from the old values (e.g. during rotation_search)
         for mod, new in updates:
             if isinstance(mod, nn.Embedding):
-                mod.weight.data.copy_(new.to(mod.weight.dtype))
+                mod.weight.copy_(new)
                 continue
             w, b = new
             if mod is lay.lm_head and lay.tied:
-                mod.weight = nn.Parameter(w.to(mod.weight.dtype), requires_grad=False)
+                mod.weight = nn.Parameter(w.to(mod.weight.dtype), requires_grad=mod.weight.requires_grad)
                 untied = True
             else:
-                mod.weight.data.copy_(w.to(mod.weight.dtype))
+                mod.weight.copy_(w)
             if b is not None:
-                mod.bias.data.copy_(b.to(mod.bias.dtype))
+                mod.bias.copy_(b)
         if r1 is not None:
-            for layer in lay.layers:
-                layer.input_norm.weight.data.fill_(1)
-                layer.post_attn_norm.weight.data.fill_(1)
-            lay.final_norm.weight.data.fill_(1)
+            for norm in [n for layer in lay.layers for n in (layer.input_norm, layer.post_attn_norm)] + \
+                    [lay.final_norm]:
+                norm.weight.fill_(1)
         if untied and lay.config is not None:  # so that saving and reloading the model does not tie them again
             text = lay.config.get_text_config() if hasattr(lay.config, "get_text_config") else lay.config
             for c in (lay.config, text):
@@ -648,7 +649,7 @@ class RotationLearnPass:
                 rots.load_state_dict(saved)
         err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         dtype = next(model.parameters()).dtype
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        tol = 1e-4 if dtype == torch.float32 else 0.1  # bf16 SmolLM2: 1.4e-2; a wrong architecture: ~1
         if not math.isfinite(err) or err > tol:
             raise ModelError(f"rotation_learn: rotating {type(model).__name__} changes its unquantized logits (relative "
                              f"error {err:.2e} > {tol:g}), so its layers are not the pre-RMSNorm residual structure a "
