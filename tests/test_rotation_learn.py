@@ -141,7 +141,7 @@ def test_fused_rotations_keep_the_function(family):
     assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
 
 
-@pytest.mark.parametrize("family", ["olmo2", "gemma2", "phi3", "cohere", "mixtral"])
+@pytest.mark.parametrize("family", ["olmo2", "phi3", "cohere", "mixtral"])
 def test_other_architectures_are_refused(family):
     from families import tiny_model
 
@@ -169,7 +169,7 @@ def test_hadamard_start_is_the_hadamard_rotation():
 SMALL = """
 [rotation_learn]
 steps = {steps}
-batch_size = 2
+batch_size = {batch}
 lr = {lr}
 loss = "{loss}"
 calib_nsamples = {n}
@@ -181,11 +181,12 @@ checkpoint_every = {every}
 """
 
 
-def _learn_recipe(steps=3, lr=1e-3, loss="kl", n=2, seqlen=32, dataset='"tinystories"', every=1, extra=""):
+def _learn_recipe(steps=3, lr=1e-3, loss="kl", n=2, seqlen=32, batch=2, dataset='"tinystories"', every=1,
+                  extra=""):
     from ptq.recipe import load_recipe
 
-    return load_recipe(RTN + SMALL.format(steps=steps, lr=lr, loss=loss, n=n, seqlen=seqlen, dataset=dataset,
-                                          every=every, extra=extra))
+    return load_recipe(RTN + SMALL.format(steps=steps, lr=lr, loss=loss, n=n, seqlen=seqlen, batch=batch,
+                                          dataset=dataset, every=every, extra=extra))
 
 
 def _fresh(path):
@@ -244,8 +245,11 @@ def test_learned_model_is_exact_without_quantization_and_orthogonal(stories260k_
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_held_out_perplexity_does_not_get_worse(stories260k_path, tok, data_dir):
-    """Real W4A4KV4 recipe, calibrated on the first half of TinyStories, evaluated on windows of the second."""
+    """Real W4A4KV4 recipe, calibrated on the first half of TinyStories, evaluated on windows of the second half.
+    The kept rotations (lowest loss on all calibration windows, every 25 steps) must be trained ones, better than the
+    Hadamard start on the calibration data, and no worse on the held-out text."""
     import json
 
     from ptq.data import eval_windows, tokenize
@@ -253,20 +257,21 @@ def test_loss_decreases_and_held_out_perplexity_does_not_get_worse(stories260k_p
 
     text = (data_dir / "tinystories" / "validation.txt").read_text()
     calib, held = text[: len(text) // 2], text[len(text) // 2:]
-    windows = eval_windows(tokenize(tok, held), 64, bos_id=1)[:16]
+    windows = eval_windows(tokenize(tok, held), 128, bos_id=1)[:24]
     out = {}
-    for steps in (0, 12):
-        model, info = _run(stories260k_path, tok, _learn_recipe(steps=steps, n=8, seqlen=64, lr=1e-3,
-                                                               dataset=json.dumps([calib]),
-                                                               extra="keep_best = false\nr1_block_size = 32"))
+    for steps in (0, 100):
+        recipe = _learn_recipe(steps=steps, n=16, seqlen=128, batch=4, lr=1e-3, dataset=json.dumps([calib]),
+                               extra="r1_block_size = 32")
+        model, info = _run(stories260k_path, tok, recipe)
         out[steps] = (info["rotation_learn"], math.exp(quantized_ce(model, windows, 8, "cpu")))
-    learned = out[12][0]
+    learned = out[100][0]
     print(f"\ncalibration KL {learned['calib_kl_start']:.4f} -> {learned['calib_kl_end']:.4f}, CE "
-          f"{learned['calib_ce_start']:.4f} -> {learned['calib_ce_end']:.4f}; held-out ppl {out[0][1]:.3f} "
-          f"(Hadamard start) -> {out[12][1]:.3f} (learned, 12 steps)")
+          f"{learned['calib_ce_start']:.4f} -> {learned['calib_ce_end']:.4f} (kept step {learned['kept_step']}, "
+          f"evaluations {learned['evaluations']}); held-out ppl {out[0][1]:.3f} (Hadamard start) -> "
+          f"{out[100][1]:.3f} (learned)")
     assert out[0][0]["calib_kl_end"] == pytest.approx(learned["calib_kl_start"], abs=1e-6)  # step 0 = the start
-    assert learned["calib_kl_end"] < learned["calib_kl_start"]
-    assert out[12][1] <= out[0][1]
+    assert learned["kept_step"] > 0 and learned["calib_kl_end"] < learned["calib_kl_start"]
+    assert out[100][1] <= out[0][1]
 
 
 def test_deterministic_and_resume_equals_uninterrupted(stories260k_path, tok, data_dir, tmp_path, monkeypatch):
@@ -337,7 +342,7 @@ def test_gptq_quantizes_the_rotated_weights(stories260k_path, tok, data_dir, mon
 
     monkeypatch.setattr(gp, "gptq_quantize", spy)
     text = f'extends = "{(ROOT / "recipes" / "w4a4kv4.toml").as_posix()}"\n' + SMALL.format(
-        steps=2, lr=3e-3, loss="ce", n=2, seqlen=32, dataset='"tinystories"', every=1, extra="") + """
+        steps=2, lr=3e-3, loss="ce", n=2, seqlen=32, batch=2, dataset='"tinystories"', every=1, extra="") + """
 [gptq]
 dataset = "tinystories"
 nsamples = 2

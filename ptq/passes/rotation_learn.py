@@ -573,13 +573,15 @@ class RotationLearnPass:
         with torch.enable_grad(), _frozen(model), rots.installed(model, cfg.quantize_weights):
             if before is None:
                 before = calibration_losses(model, windows, bs, device)
-                best = {"step": 0, "loss": before[cfg.loss], "rotations": _copy(rots.state_dict())}
+                best = {"step": 0, "loss": before[cfg.loss], "losses": before, "rotations": _copy(rots.state_dict())}
             if start < cfg.steps:
                 best = self._train(model, rots, opt, windows, cfg, ctx, start, history, before, best, fingerprint,
                                    path, device)
-            if cfg.keep_best:
+            if cfg.keep_best:  # the kept rotations were measured when they were kept
                 rots.load_state_dict(best["rotations"])
-            after = calibration_losses(model, windows, bs, device)
+                after = best["losses"]
+            else:
+                after = calibration_losses(model, windows, bs, device)
         info.update(rots.fuse())
         info.update({"calib_ce_start": before["ce"], "calib_ce_end": after["ce"], "calib_kl_start": before["kl"],
                      "calib_kl_end": after["kl"], "kept_step": best["step"] if cfg.keep_best else cfg.steps,
@@ -610,11 +612,11 @@ class RotationLearnPass:
             bar.set_postfix(loss=f"{history[-1]:.4f}")
             done = step + 1
             if cfg.keep_best and (done % cfg.eval_every == 0 or done == cfg.steps):
-                with torch.no_grad():
-                    loss_now = calibration_losses(model, windows, cfg.batch_size, device)[cfg.loss]
-                evals = best.get("evaluations", []) + [[done, loss_now]]
-                if loss_now < best["loss"]:
-                    best = {"step": done, "loss": loss_now, "rotations": _copy(rots.state_dict())}
+                losses = calibration_losses(model, windows, cfg.batch_size, device)
+                evals = best.get("evaluations", []) + [[done, losses[cfg.loss]]]
+                if losses[cfg.loss] < best["loss"]:
+                    best = {"step": done, "loss": losses[cfg.loss], "losses": losses,
+                            "rotations": _copy(rots.state_dict())}
                 best["evaluations"] = evals
             if path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                 save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": done,
