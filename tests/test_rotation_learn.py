@@ -274,6 +274,7 @@ def test_loss_decreases_and_held_out_perplexity_does_not_get_worse(stories260k_p
     assert out[100][1] <= out[0][1]
 
 
+@pytest.mark.slow  # eight runs of the pass (about 20 s on an idle 2-core CPU)
 def test_deterministic_and_resume_equals_uninterrupted(stories260k_path, tok, data_dir, tmp_path, monkeypatch):
     import ptq.passes.rotation_learn as rl
 
