@@ -136,3 +136,53 @@ class RotationSearchConfig(_Strict):
         for k in kinds:
             out += ["full"] if k == "full" else [f"block{b}" if b is not None else "block" for b in sizes]
         return out
+
+
+LearnedRotation = Literal["r1", "r2"]
+
+
+class RotationLearnConfig(_Strict):
+    """``[rotation_learn]`` table: rotations trained on calibration data through the fake-quantized model.
+
+    ``rotations``: "r1" rotates the residual stream (fused into the embedding, every linear reading or writing the
+    residual, and lm_head; RMSNorm weights folded into the linears that read them); "r2" rotates each attention
+    layer's values per head (fused into v_proj's rows and o_proj's columns). ``r1_block_size`` / ``r2_block_size``
+    pick the Hadamard they start from: None = the whole dimension, N = block-diagonal with blocks of N.
+    """
+
+    rotations: list[LearnedRotation] = ["r1", "r2"]
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(4, ge=1)  # calibration windows per step
+    lr: float = Field(1e-3, gt=0.0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    loss: Literal["ce", "kl"] = "kl"  # next-token CE of the quantized model, or KL to the unquantized model
+    quantize_weights: bool = True  # false: only activations / KV are quantized while learning (GPTQ comes after)
+    keep_best: bool = True  # evaluate the loss on all calibration windows every eval_every steps (and at the end)
+    eval_every: int = Field(25, ge=1)  # and keep the best rotations seen, the start included; false: keep the last
+    r1_block_size: int | None = None
+    r2_block_size: int | None = None
+    random_signs: bool = True  # randomised Hadamard (H times a random +-1 diagonal) as the start
+    untie_embeddings: bool = False  # tied embeddings must be untied to fuse r1 (adds a vocab x hidden matrix)
+    calib_nsamples: int = Field(64, ge=1)
+    calib_seqlen: int = Field(512, ge=8)
+    dataset: str | list[str] = "wikitext2"
+    seed: int = 0
+    checkpoint_path: str | None = None
+    checkpoint_every: int = Field(25, ge=1)
+
+    @field_validator("rotations")
+    @classmethod
+    def _rotations_nonempty(cls, v):
+        if not v:
+            raise ValueError("rotations must name at least one of 'r1', 'r2'")
+        if len(set(v)) != len(v):
+            raise ValueError(f"rotations lists a value twice: {v}")
+        return v
+
+    @field_validator("r1_block_size", "r2_block_size")
+    @classmethod
+    def _block(cls, v, info):
+        if v is not None and v < 2:
+            raise ValueError(f"{info.field_name} must be >= 2 (or left out for the whole dimension), got {v}")
+        return v

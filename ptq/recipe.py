@@ -8,8 +8,8 @@ A recipe is the ``pass_args`` of :func:`ptq.quantize_module_transform_pass`. Top
   :mod:`ptq.architectures`), so one recipe serves every decoder family.
 - ``extends = "base.toml"``: load that file first (path relative to the including file) and deep-merge this one on
   top of it, the child winning key by key. Selector tables keep the base's order; new ones are appended.
-- ``[gptq]`` (:class:`ptq.config.GPTQConfig`) and ``[rotation_search]`` (:class:`ptq.config.RotationSearchConfig`):
-  turn on those passes.
+- ``[gptq]`` (:class:`ptq.config.GPTQConfig`), ``[rotation_search]`` (:class:`ptq.config.RotationSearchConfig`)
+  and ``[rotation_learn]`` (:class:`ptq.config.RotationLearnConfig`): turn on those passes.
 - Every other table is a *selector*: its key is a regular expression, matched with ``re.fullmatch``.
   **The first selector in file order that matches a module wins**; later selectors never see that module.
 
@@ -53,6 +53,7 @@ from ptq.config import (
     GPTQWeightConfig,
     LinearQuantConfig,
     ModuleQuantConfig,
+    RotationLearnConfig,
     RotationSearchConfig,
 )
 from ptq.errors import QuantSpecError, RecipeError
@@ -71,7 +72,7 @@ __all__ = ["Recipe", "Selector", "load_recipe", "save_recipe", "spec_summary", "
 TEXT_SOURCE = "<recipe text>"
 DICT_SOURCE = "<recipe dict>"
 
-TOP_LEVEL_KEYS = ("by", "extends", "gptq", "rotation_search")
+TOP_LEVEL_KEYS = ("by", "extends", "gptq", "rotation_search", "rotation_learn")
 BY_VALUES = ("regex_name", "type", "role")
 BY_ALIASES = {"name": "regex_name"}
 TENSOR_PREFIXES = ("weight", "data_in", "bias")
@@ -184,6 +185,7 @@ class Recipe(BaseModel):
     by: Literal["regex_name", "type", "role"] = "regex_name"
     gptq: GPTQConfig | None = None
     rotation_search: RotationSearchConfig | None = None
+    rotation_learn: RotationLearnConfig | None = None
     selectors: tuple[Selector, ...] = ()
     source: str | None = None
 
@@ -195,8 +197,8 @@ class Recipe(BaseModel):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Recipe):
             return NotImplemented
-        return (self.by, self.gptq, self.rotation_search, self.selectors) == (
-            other.by, other.gptq, other.rotation_search, other.selectors)
+        return (self.by, self.gptq, self.rotation_search, self.rotation_learn, self.selectors) == (
+            other.by, other.gptq, other.rotation_search, other.rotation_learn, other.selectors)
 
     def __hash__(self) -> int:
         return hash((self.by, self.selectors))
@@ -574,6 +576,8 @@ def _validate_dict(data: Mapping, source: str | None) -> Recipe:
     gptq = _pydantic(source, "gptq", GPTQConfig, data["gptq"]) if "gptq" in data else None
     rot = (_pydantic(source, "rotation_search", RotationSearchConfig, data["rotation_search"])
            if "rotation_search" in data else None)
+    learn = (_pydantic(source, "rotation_learn", RotationLearnConfig, data["rotation_learn"])
+             if "rotation_learn" in data else None)
     selectors = []
     for key, table in data.items():
         if key in TOP_LEVEL_KEYS:
@@ -587,9 +591,10 @@ def _validate_dict(data: Mapping, source: str | None) -> Recipe:
             raise _fail(source, key_path(key), f"unknown top-level key {key!r}",
                         (f"Did you mean '{close[0]}'? " if close else "") + f"Top-level keys are "
                         f"{', '.join(TOP_LEVEL_KEYS)}; selectors are [tables] keyed by a regex")
-        reserved = difflib.get_close_matches(key, ("gptq", "rotation_search"), n=1, cutoff=0.7)
+        reserved = difflib.get_close_matches(key, ("gptq", "rotation_search", "rotation_learn"), n=1, cutoff=0.7)
         selectors.append(_selector(source, key, table, reserved[0] if reserved else None))
-    recipe = Recipe(by=BY_ALIASES.get(by, by), gptq=gptq, rotation_search=rot, selectors=tuple(selectors),
+    recipe = Recipe(by=BY_ALIASES.get(by, by), gptq=gptq, rotation_search=rot, rotation_learn=learn,
+                    selectors=tuple(selectors),
                     source=source)
     _cross_check(recipe)
     return recipe
@@ -723,9 +728,10 @@ def load_recipe(recipe: str | os.PathLike | Mapping | Recipe) -> Recipe:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    """The merged recipe as a plain TOML-ready dict (no ``extends``; every [gptq] / [rotation_search] field written out)."""
+    """The merged recipe as a plain TOML-ready dict (no ``extends``; every [gptq] / [rotation_search] /
+    [rotation_learn] field written out)."""
     out: dict[str, Any] = {"by": recipe.by}
-    for name in ("gptq", "rotation_search"):
+    for name in ("gptq", "rotation_search", "rotation_learn"):
         table = getattr(recipe, name)
         if table is not None:
             out[name] = table.model_dump(exclude_none=True)

@@ -31,7 +31,7 @@ from ptq.io import atomic_write_bytes, atomic_write_json, atomic_write_text, dig
 
 __all__ = ["TableSettings", "run_table", "default_recipe_paths", "render_markdown", "render_png", "method_label"]
 
-SHIPPED_RECIPES = ("w4a4kv4.toml", "w4a4kv4_gptq.toml", "w4a4kv4_gptq_rot.toml")
+SHIPPED_RECIPES = ("w4a4kv4.toml", "w4a4kv4_gptq.toml", "w4a4kv4_gptq_rot.toml", "w4a4kv4_gptq_learn.toml")
 ROW_SCHEMA = 1  # bump when the content of a stored row changes meaning
 
 
@@ -104,7 +104,7 @@ def _recipes_dir() -> Path:
 
 
 def default_recipe_paths() -> list[Path]:
-    """The shipped W4A4KV4 recipes: RTN, + GPTQ, + rotation (in table order)."""
+    """The shipped W4A4KV4 recipes: RTN, + GPTQ, + rotation search, + learned rotations (in table order)."""
     d = _recipes_dir()
     paths = [d / name for name in SHIPPED_RECIPES]
     missing = [p.name for p in paths if not p.is_file()]
@@ -127,9 +127,12 @@ def resolve_recipe_path(name: str) -> Path:
 
 
 def method_label(recipe) -> str:
-    """What a recipe does, in the words of the table: RTN, GPTQ, rotation + RTN, rotation + GPTQ."""
-    weights = "GPTQ" if recipe.gptq is not None else "RTN"
-    return f"rotation + {weights}" if recipe.rotation_search is not None else weights
+    """What a recipe does, in the words of the table, in pass order: RTN, GPTQ, rotation + GPTQ,
+    rotation + learned R1/R2 + GPTQ ..."""
+    parts = ["rotation"] if recipe.rotation_search is not None else []
+    if recipe.rotation_learn is not None:
+        parts.append("learned " + "/".join(r.upper() for r in recipe.rotation_learn.rotations))
+    return " + ".join(parts + ["GPTQ" if recipe.gptq is not None else "RTN"])
 
 
 def quick_settings(**overrides) -> TableSettings:
@@ -167,6 +170,11 @@ def _redirect_outputs(recipe, stem: str, out: Path, model_key: str, calib_texts:
         if calib_texts is not None:
             r["dataset"] = calib_texts
         upd["rotation_search"] = recipe.rotation_search.model_copy(update=r)
+    if recipe.rotation_learn is not None:
+        r = {"checkpoint_path": str(base / "rotation_learn.pt")}
+        if calib_texts is not None:
+            r["dataset"] = calib_texts
+        upd["rotation_learn"] = recipe.rotation_learn.model_copy(update=r)
     return recipe.model_copy(update=upd) if upd else recipe
 
 
@@ -177,6 +185,7 @@ def _recipe_identity(recipe) -> dict:
     d = recipe_to_dict(recipe)
     d.get("gptq", {}).pop("checkpoint_dir", None)
     d.get("rotation_search", {}).pop("cache_path", None)
+    d.get("rotation_learn", {}).pop("checkpoint_path", None)
     return d
 
 
@@ -262,7 +271,7 @@ class _Plan:
 def _plan_evaluation(settings: TableSettings, ref, tok, bos, recipes, out: Path, device) -> _Plan:
     text, why = _text_or_error(settings.source, settings.split, settings.data_dir)
     # recipes whose calibrated passes (GPTQ, rotation search) name text that cannot be loaded here
-    calib_missing = sorted({stem for stem, r in recipes for cfg in (r.gptq, r.rotation_search)
+    calib_missing = sorted({stem for stem, r in recipes for cfg in (r.gptq, r.rotation_search, r.rotation_learn)
                             if cfg is not None and _text_or_none(cfg.dataset, "validation", settings.data_dir) is None})
     sampled_calib = None
     if calib_missing:

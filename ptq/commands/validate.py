@@ -40,7 +40,7 @@ def _print_recipe(recipe, out) -> None:
 
     print(f"recipe: {recipe.source}", file=out)
     print(f"by = {recipe.by!r}   (first matching selector wins)", file=out)
-    for name in ("gptq", "rotation_search"):
+    for name in ("gptq", "rotation_search", "rotation_learn"):
         table = getattr(recipe, name)
         if table is None:
             print(f"[{name}]: off", file=out)

@@ -91,6 +91,12 @@ class HadamardRotation(nn.Module):
     def _apply_rotation(self, t: torch.Tensor, inverse: bool) -> torch.Tensor:
         _h.check_input(t, self.size)
         backend = self.resolve_backend(t)
+        if backend != "torch" and t.requires_grad and torch.is_grad_enabled():
+            # the kernels have no autograd; H is orthogonal, so the gradient is the opposite rotation
+            return _KernelRotation.apply(t, self, backend, inverse)
+        return self._rotate_with(t, backend, inverse)
+
+    def _rotate_with(self, t: torch.Tensor, backend: str, inverse: bool) -> torch.Tensor:
         if backend == "triton":
             from ptq.kernels.hadamard import triton_rotate
 
@@ -98,6 +104,19 @@ class HadamardRotation(nn.Module):
         if backend == "fast_hadamard_transform":
             return _fht_rotate(t, self)
         return _h.rotate_reference(t, self.size, kind=self.kind, block_size=self.block_size, inverse=inverse)
+
+
+class _KernelRotation(torch.autograd.Function):
+    """A kernel rotation ``y = t H^T`` (or ``t H``) with its exact backward ``g H`` (or ``g H^T``)."""
+
+    @staticmethod
+    def forward(ctx, t, rot, backend, inverse):
+        ctx.rot, ctx.backend, ctx.inverse = rot, backend, inverse
+        return rot._rotate_with(t.detach(), backend, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.rot._rotate_with(grad.contiguous(), ctx.backend, not ctx.inverse), None, None, None
 
 
 def _triton_available() -> bool:

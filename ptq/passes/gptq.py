@@ -328,7 +328,7 @@ class GPTQPass:
     """GPTQ for the linears whose config says ``gptq = true`` (see the module docstring)."""
 
     name = "gptq"
-    after = ("swap", "rotation_search")
+    after = ("swap", "rotation_search", "rotation_learn")
 
     def wanted(self, recipe: "Recipe") -> bool:
         return recipe.gptq is not None

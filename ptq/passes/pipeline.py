@@ -5,6 +5,7 @@ light and a missing pass is reported as such rather than skipped:
 
     swap            ptq.passes.swap              always
     rotation_search ptq.passes.rotation_search   when the recipe has [rotation_search]
+    rotation_learn  ptq.passes.rotation_learn    when the recipe has [rotation_learn]
     gptq            ptq.passes.gptq              when the recipe has [gptq]
 
 A built-in pass runs exactly when its table asks for it. Other registered passes (``ptq.passes.base.register_pass``)
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 BUILTIN_PASSES: dict[str, tuple[str, Callable[[Recipe], bool], str]] = {
     "swap": ("ptq.passes.swap", lambda r: True, "every recipe"),
     "rotation_search": ("ptq.passes.rotation_search", lambda r: r.rotation_search is not None, "[rotation_search]"),
+    "rotation_learn": ("ptq.passes.rotation_learn", lambda r: r.rotation_learn is not None, "[rotation_learn]"),
     "gptq": ("ptq.passes.gptq", lambda r: r.gptq is not None, "[gptq]"),
 }
 

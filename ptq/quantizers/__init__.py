@@ -82,11 +82,34 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, backend: str | None = Non
     ``backend``: None / "auto" / "torch" / "triton" (see `resolve_backend`). ``noise`` (stochastic rounding only):
     U[0,1) float32 of `noise_shape`; by default drawn from ``torch.Generator(device=x.device).manual_seed(
     spec.seed)`` (`make_noise`), so both backends see the same draws.
+
+    Autograd: when ``x`` requires grad (and grad mode is on), the gradient passes straight through (identity
+    backward); the forward result is the same bits either way.
     """
     check_spec(spec)
     check_tensor(x)
     chosen = resolve_backend(x, spec, backend)
     noise = resolve_noise(x, spec, noise)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _StraightThrough.apply(x, spec, chosen, noise)
+    return _run_backend(x, spec, chosen, noise)
+
+
+def _run_backend(x: torch.Tensor, spec: QuantSpec, chosen: str, noise: torch.Tensor | None) -> torch.Tensor:
     if chosen == "triton":
         return _triton_module()[0].triton_fake_quantize(x, spec, noise=noise)
     return reference_fake_quantize(x, spec, noise=noise)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The straight-through estimator: the forward is `fake_quantize` itself (same bits, either backend), the
+    backward the identity, so rotations and other parameters upstream of a quantizer can be trained through it
+    (rotation_learn). The rounding's true derivative is zero almost everywhere, which would train nothing."""
+
+    @staticmethod
+    def forward(ctx, x, spec, chosen, noise):
+        return _run_backend(x.detach(), spec, chosen, noise)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None

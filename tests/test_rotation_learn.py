@@ -1,0 +1,375 @@
+"""rotation_learn: straight-through gradients, the [rotation_learn] table, exactness of the fused rotations across
+families, orthogonality, a loss that goes down on stories260k W4A4KV4, determinism, checkpoint / resume."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptq.errors import CheckpointError, ModelError, RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+RTN = (ROOT / "recipes" / "w4a4kv4.toml").read_text()
+
+
+# ---- straight-through gradients ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("spec_args", [dict(family="mxint", width=4, block_size=32),
+                                       dict(family="mxfp", width=4, exp_bits=2, man_bits=1, block_size=32),
+                                       dict(family="nvfp4", width=4, exp_bits=2, man_bits=1, block_size=16)])
+def test_fake_quantize_passes_gradients_straight_through(backend, spec_args):
+    from ptq.formats import QuantSpec
+    from ptq.quantizers import fake_quantize
+
+    spec = QuantSpec(**spec_args)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    plain = fake_quantize(x, spec, backend=backend)
+    xg = x.clone().requires_grad_(True)
+    y = fake_quantize(xg, spec, backend=backend)
+    assert y.requires_grad and torch.equal(y.detach().view(torch.int32), plain.view(torch.int32))  # same bits
+    y.sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))
+    with torch.no_grad():  # no graph without grad mode
+        assert not fake_quantize(xg, spec, backend=backend).requires_grad
+
+
+@pytest.mark.parametrize("size,kind,block", [(64, "full", None), (96, "block", 32), (12, "full", None)])
+def test_kernel_hadamard_rotation_has_the_transposed_gradient(size, kind, block):
+    from ptq.modules.rotation import HadamardRotation
+
+    x = torch.randn(3, size, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(3, size, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for backend in ("torch", "triton"):
+        rot = HadamardRotation(size, kind, block, backend=backend)
+        for inverse in (False, True):
+            xg = x.clone().requires_grad_(True)
+            y = rot.inverse(xg) if inverse else rot(xg)
+            (y * g).sum().backward()
+            grads[backend, inverse] = xg.grad
+    h = HadamardRotation(size, kind, block).matrix(torch.float32)
+    for backend in ("torch", "triton"):  # y = x H^T -> dx = g H ; y = x H -> dx = g H^T
+        torch.testing.assert_close(grads[backend, False], g @ h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[backend, True], g @ h.T, rtol=1e-5, atol=1e-5)
+
+
+# ---- the recipe table -------------------------------------------------------------------------------------------
+
+LEARN = RTN + """
+[rotation_learn]
+steps = 7
+lr = 0.002
+loss = "ce"
+r1_block_size = 32
+untie_embeddings = true
+"""
+
+
+def test_recipe_table_round_trips_and_plans_the_pass():
+    from ptq.passes.pipeline import plan_passes
+    from ptq.recipe import load_recipe, save_recipe
+
+    r = load_recipe(LEARN)
+    assert r.rotation_learn.steps == 7 and r.rotation_learn.r1_block_size == 32
+    assert load_recipe(save_recipe(r)) == r
+    assert load_recipe(save_recipe(r)).rotation_learn == r.rotation_learn
+    rot = (ROOT / "recipes" / "w4a4kv4_gptq_rot.toml").as_posix()
+    full = load_recipe(f'extends = "{rot}"\n[rotation_learn]\nuntie_embeddings = true\n')
+    assert [p.name for p in plan_passes(full)] == ["swap", "rotation_search", "rotation_learn", "gptq"]
+
+
+@pytest.mark.parametrize("bad,path", [
+    ("stepz = 3", "rotation_learn.stepz"),
+    ("loss = 'mse'", "rotation_learn.loss"),
+    ("lr = -1.0", "rotation_learn.lr"),
+    ("rotations = []", "rotation_learn.rotations"),
+    ("rotations = ['r1', 'r3']", "rotation_learn.rotations"),
+    ("r1_block_size = 1", "rotation_learn.r1_block_size"),
+])
+def test_recipe_errors_name_the_key(bad, path):
+    from ptq.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=path.replace(".", r"\.")):
+        load_recipe(RTN + f"\n[rotation_learn]\n{bad}\n")
+
+
+def test_shipped_recipe_validates():
+    from ptq.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes" / "w4a4kv4_gptq_learn.toml")
+    assert r.rotation_learn is not None and r.gptq is not None and r.rotation_learn.untie_embeddings
+
+
+# ---- exactness of the rotations (no quantization) ---------------------------------------------------------------
+
+def _randomise(rots, scale=0.3, seed=1):
+    from ptq.passes.rotation_learn import CayleyRotation
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in rots.modules():
+            if isinstance(r, CayleyRotation):
+                r.param.copy_(torch.randn(r.param.shape, generator=g, dtype=torch.float64) * scale)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "granite"])
+def test_fused_rotations_keep_the_function(family):
+    """Far from the start (a random rotation), the virtual forward and the fused model equal the original."""
+    from families import tiny_model
+
+    from ptq.config import RotationLearnConfig
+    from ptq.passes.rotation_learn import LearnedRotations, discover_layout
+
+    model = tiny_model(family)
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        rots = LearnedRotations(discover_layout(model), RotationLearnConfig(untie_embeddings=True), torch.device("cpu"))
+        _randomise(rots)
+        with rots.installed(model):
+            virtual = model(input_ids=ids).logits
+        r1 = rots.r1.matrix()
+        assert not torch.allclose(r1, rots.r1.base, atol=0.1)  # really rotated away from the Hadamard start
+        rots.fuse()
+        fused = model(input_ids=ids).logits
+    scale = ref.abs().max()
+    assert (virtual - ref).abs().max() <= 1e-5 * scale
+    assert (fused - ref).abs().max() <= 1e-5 * scale
+    layer = model.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+
+
+@pytest.mark.parametrize("family", ["olmo2", "phi3", "cohere", "mixtral"])
+def test_other_architectures_are_refused(family):
+    from families import tiny_model
+
+    from ptq.passes.rotation_learn import discover_layout
+
+    with pytest.raises(ModelError, match="rotation_learn"):
+        discover_layout(tiny_model(family))
+
+
+def test_hadamard_start_is_the_hadamard_rotation():
+    from ptq.modules.rotation import HadamardRotation
+    from ptq.passes.rotation_learn import hadamard_start
+
+    x = torch.randn(5, 96, dtype=torch.float64)
+    r = hadamard_start(96, 32, None)
+    torch.testing.assert_close(x @ r, x @ HadamardRotation(96, "block", 32).matrix().T)  # = rot(x)
+    signed = hadamard_start(96, None, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(signed @ signed.T, torch.eye(96, dtype=torch.float64))
+    with pytest.raises(ModelError, match="block_size"):
+        hadamard_start(96, 40, None)
+
+
+# ---- the pass on stories260k ------------------------------------------------------------------------------------
+
+SMALL = """
+[rotation_learn]
+steps = {steps}
+batch_size = {batch}
+lr = {lr}
+loss = "{loss}"
+calib_nsamples = {n}
+calib_seqlen = {seqlen}
+dataset = {dataset}
+untie_embeddings = true
+checkpoint_every = {every}
+{extra}
+"""
+
+
+def _learn_recipe(steps=3, lr=1e-3, loss="kl", n=2, seqlen=32, batch=2, dataset='"tinystories"', every=1,
+                  extra=""):
+    from ptq.recipe import load_recipe
+
+    return load_recipe(RTN + SMALL.format(steps=steps, lr=lr, loss=loss, n=n, seqlen=seqlen, batch=batch,
+                                          dataset=dataset, every=every, extra=extra))
+
+
+def _fresh(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _run(path, tok, recipe, **kw):
+    from ptq.passes.pipeline import quantize_module_transform_pass
+
+    return quantize_module_transform_pass(_fresh(path), recipe, tokenizer=tok, progress=False, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def tok(stories260k_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(stories260k_path)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_learned_model_is_exact_without_quantization_and_orthogonal(stories260k_path, tok, data_dir):
+    from ptq.passes.rotation_learn import quantization_bypassed
+
+    ids = torch.cat([torch.ones(1, 1, dtype=torch.long), torch.randint(3, 512, (1, 63))], 1)
+    with torch.no_grad():
+        ref = _fresh(stories260k_path)(input_ids=ids).logits
+    rots = {}
+    import ptq.passes.rotation_learn as rl
+
+    orig = rl.LearnedRotations.fuse
+
+    def keep(self):
+        rots["r"] = self
+        return orig(self)
+
+    rl.LearnedRotations.fuse = keep
+    try:
+        model, info = _run(stories260k_path, tok, _learn_recipe(steps=3, extra="keep_best = false"))
+    finally:
+        rl.LearnedRotations.fuse = orig
+    learned = rots["r"]
+    assert info["rotation_learn"]["untied_embeddings"]
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
+    mats = [learned.r1.matrix()] + [r.matrix() for r in learned.r2]
+    assert learned.r1.param.abs().max() > 0  # trained
+    for r in mats:  # orthogonal in float32, as the forward uses them
+        r32 = r.float()
+        assert (r32 @ r32.T - torch.eye(r.shape[0])).abs().max() <= 1e-5
+    with torch.no_grad(), quantization_bypassed(model):
+        got = model(input_ids=ids).logits
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.slow
+def test_loss_decreases_and_held_out_perplexity_does_not_get_worse(stories260k_path, tok, data_dir):
+    """Real W4A4KV4 recipe, calibrated on the first half of TinyStories, evaluated on windows of the second half.
+    The kept rotations (lowest loss on all calibration windows, every 25 steps) must be trained ones, better than the
+    Hadamard start on the calibration data, and no worse on the held-out text."""
+    import json
+
+    from ptq.data import eval_windows, tokenize
+    from ptq.passes.rotation_learn import quantized_ce
+
+    text = (data_dir / "tinystories" / "validation.txt").read_text()
+    calib, held = text[: len(text) // 2], text[len(text) // 2:]
+    windows = eval_windows(tokenize(tok, held), 128, bos_id=1)[:24]
+    out = {}
+    for steps in (0, 100):
+        recipe = _learn_recipe(steps=steps, n=16, seqlen=128, batch=4, lr=1e-3, dataset=json.dumps([calib]),
+                               extra="r1_block_size = 32")
+        model, info = _run(stories260k_path, tok, recipe)
+        out[steps] = (info["rotation_learn"], math.exp(quantized_ce(model, windows, 8, "cpu")))
+    learned = out[100][0]
+    print(f"\ncalibration KL {learned['calib_kl_start']:.4f} -> {learned['calib_kl_end']:.4f}, CE "
+          f"{learned['calib_ce_start']:.4f} -> {learned['calib_ce_end']:.4f} (kept step {learned['kept_step']}, "
+          f"evaluations {learned['evaluations']}); held-out ppl {out[0][1]:.3f} (Hadamard start) -> "
+          f"{out[100][1]:.3f} (learned)")
+    assert out[0][0]["calib_kl_end"] == pytest.approx(learned["calib_kl_start"], abs=1e-6)  # step 0 = the start
+    assert learned["kept_step"] > 0 and learned["calib_kl_end"] < learned["calib_kl_start"]
+    assert out[100][1] <= out[0][1]
+
+
+@pytest.mark.slow  # eight runs of the pass (about 20 s on an idle 2-core CPU)
+def test_deterministic_and_resume_equals_uninterrupted(stories260k_path, tok, data_dir, tmp_path, monkeypatch):
+    import ptq.passes.rotation_learn as rl
+
+    recipe = _learn_recipe(steps=3)
+    a, _ = _run(stories260k_path, tok, recipe)
+    b, _ = _run(stories260k_path, tok, recipe)
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    ck = tmp_path / "learn.pt"
+    with_ck = _learn_recipe(steps=3, extra=f'checkpoint_path = "{ck.as_posix()}"', every=1)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step):
+        if step == 2:
+            raise Crash
+
+    monkeypatch.setattr(rl, "_after_step", crash)
+    with pytest.raises(Crash):
+        _run(stories260k_path, tok, with_ck)
+    monkeypatch.setattr(rl, "_after_step", lambda step: None)
+    c, info = _run(stories260k_path, tok, with_ck)
+    assert info["rotation_learn"]["resumed_at"] == 2 and info["rotation_learn"]["trained_steps"] == 1
+    wc = _weights(c)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    d, info = _run(stories260k_path, tok, with_ck)  # finished: fused from the checkpoint, nothing trained
+    assert info["rotation_learn"]["trained_steps"] == 0
+    assert all(torch.equal(wa[k], v) for k, v in _weights(d).items())
+
+    with pytest.raises(CheckpointError, match="recipe"):
+        _run(stories260k_path, tok, _learn_recipe(steps=3, lr=1e-2, extra=f'checkpoint_path = "{ck.as_posix()}"'))
+    with pytest.raises(CheckpointError, match="resume is off"):
+        _run(stories260k_path, tok, with_ck, resume=False)
+    with pytest.raises(CheckpointError, match="more than"):
+        _run(stories260k_path, tok, _learn_recipe(steps=2, extra=f'checkpoint_path = "{ck.as_posix()}"'))
+
+
+def test_fusing_refreshes_weights_cached_before(stories260k_path, tok, data_dir):
+    """A LinearMX that cached its quantized weight (e.g. during rotation_search) must not keep the stale one."""
+    from ptq.passes.base import PassContext
+    from ptq.passes.pipeline import quantize_module_transform_pass
+    from ptq.passes.rotation_learn import RotationLearnPass
+    from ptq.quantizers import fake_quantize
+
+    model, _ = quantize_module_transform_pass(_fresh(stories260k_path), RTN, progress=False)
+    with torch.no_grad():
+        model(input_ids=torch.arange(1, 9).view(1, -1))  # fills every LinearMX weight cache
+    RotationLearnPass().run(model, _learn_recipe(steps=1), PassContext(tokenizer=tok, device="cpu", progress=False))
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        mod = model.model.layers[1].get_submodule(name)
+        assert torch.equal(mod.effective_weight(), fake_quantize(mod.weight_to_quantize(), mod.cfg.weight)), name
+
+
+def test_gptq_quantizes_the_rotated_weights(stories260k_path, tok, data_dir, monkeypatch):
+    import ptq.passes.gptq as gp
+    from ptq.recipe import load_recipe
+
+    seen = []
+    real = gp.gptq_quantize
+
+    def spy(w, *a, **k):
+        seen.append(w.clone())
+        return real(w, *a, **k)
+
+    monkeypatch.setattr(gp, "gptq_quantize", spy)
+    text = f'extends = "{(ROOT / "recipes" / "w4a4kv4.toml").as_posix()}"\n' + SMALL.format(
+        steps=2, lr=3e-3, loss="ce", n=2, seqlen=32, batch=2, dataset='"tinystories"', every=1, extra="") + """
+[gptq]
+dataset = "tinystories"
+nsamples = 2
+seqlen = 32
+cali_batch_size = 2
+
+['model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj']
+gptq = true
+"""
+    model, info = _run(stories260k_path, tok, load_recipe(text))
+    assert list(info) == ["swap", "rotation_learn", "gptq"]
+    down = model.model.layers[0].mlp.down_proj
+    original = _fresh(stories260k_path).model.layers[0].mlp.down_proj.weight
+    assert any(torch.equal(w, down.weight_to_quantize()) for w in seen)  # GPTQ got the fused weight R1^T W
+    assert not torch.allclose(down.weight_to_quantize(), original)
+    assert down.has_gptq_weight
+
+
+def test_tied_model_without_untie_is_refused(stories260k_path, tok, data_dir):
+    recipe = _learn_recipe(steps=1)
+    from ptq.recipe import load_recipe, recipe_to_dict
+
+    d = recipe_to_dict(recipe)
+    d["rotation_learn"]["untie_embeddings"] = False
+    with pytest.raises(ModelError, match="untie_embeddings"):
+        _run(stories260k_path, tok, load_recipe(d))
+    d["rotation_learn"]["rotations"] = ["r2"]  # r2 alone needs no untying and keeps the tie
+    model, info = _run(stories260k_path, tok, load_recipe(d))
+    assert model.lm_head.weight is model.model.embed_tokens.weight and not info["rotation_learn"]["untied_embeddings"]
