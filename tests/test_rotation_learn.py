@@ -350,7 +350,7 @@ nsamples = 2
 seqlen = 32
 cali_batch_size = 2
 
-['model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj']
+['layers\\.\\d+\\.(gate|up|gate_up|down|experts)']
 gptq = true
 """
     model, info = _run(stories260k_path, tok, load_recipe(text))

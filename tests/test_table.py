@@ -119,8 +119,8 @@ def test_redirected_recipe_paths_and_labels(tmp_path):
     assert rot.gptq.checkpoint_dir != moved.gptq.checkpoint_dir  # the loaded recipe itself is untouched
     sampled = _redirect_outputs(rot, "rot", tmp_path, "abc", ["some text"])
     assert sampled.gptq.dataset == ["some text"] and sampled.rotation_search.dataset == ["some text"]
-    assert [method_label(load_recipe(p)) for p in default_recipe_paths()] == ["RTN", "GPTQ", "rotation + GPTQ",
-                                                                                 "rotation + learned R1/R2 + GPTQ"]
+    assert [method_label(load_recipe(p)) for p in default_recipe_paths()] == ["RTN", "GPTQ", "rotation + GPTQ"]
+    assert method_label(load_recipe(resolve_recipe_path("w4a4kv4_gptq_learn"))) == "rotation + learned R1/R2 + GPTQ"
 
 
 def test_describe_reuse():
