@@ -197,16 +197,23 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer:
     return _export_ptq(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, progress=progress)
 
 
-def _export_ptq(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any, overwrite: bool,
-                progress: bool) -> dict:
-    from ptq import __version__
-
+def check_export_target(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Any]:
+    """The output path and the model's HF config, refusing an existing directory (unless ``overwrite``) and a model
+    without a config before any work."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise PtqError(f"{out} already exists; choose another --out directory or pass overwrite=True (--overwrite)")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ModelError(f"export needs a Hugging Face model with a .config, got {type(model).__name__}")
+    return out, config
+
+
+def _export_ptq(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any, overwrite: bool,
+                progress: bool) -> dict:
+    from ptq import __version__
+
+    out, config = check_export_target(model, out_dir, overwrite)
     with torch.no_grad():
         packed = packed_modules(model, progress=progress)
         modules = _quant_config(model, packed)

@@ -435,17 +435,12 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *, t
     from tqdm.auto import tqdm
 
     from ptq import __version__
-    from ptq.export import _attn_cfg_to_dict, _linear_cfg_to_dict, _model_dtype, _replace_dir
+    from ptq.export import _attn_cfg_to_dict, _linear_cfg_to_dict, _model_dtype, _replace_dir, check_export_target
     from ptq.io import TMP_PREFIX, atomic_save_safetensors, atomic_write_json, atomic_write_text
     from ptq.modules.attention import AttentionMX
     from ptq.modules.packed import rotation_to_dict
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise PtqError(f"{out} already exists; choose another --out directory or pass overwrite=True (--overwrite)")
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        raise ModelError(f"export needs a Hugging Face model with a .config, got {type(model).__name__}")
+    out, config = check_export_target(model, out_dir, overwrite)
     plan = plan_export(model)
     src_dtype = getattr(torch, _model_dtype(model))
     fp4 = any(lp.kind in ("nvfp4", "mxfp4") for lp in plan.layers.values())

@@ -42,6 +42,23 @@ class PassContext:
     weights: Any = None
 
 
+def calibration_windows(ctx: PassContext, pass_name: str, cfg) -> tuple["torch.Tensor", dict]:
+    """The calibration windows a pass asks for with ``cfg.dataset`` / ``calib_nsamples`` / ``calib_seqlen`` /
+    ``seed`` (shared through ``ctx.calibration``), and their description for the pass's fingerprint."""
+    from ptq import data
+    from ptq.errors import PtqError
+
+    tok = ctx.tokenizer
+    if tok is None:
+        raise PtqError(f"{pass_name} needs a tokenizer for its calibration text: pass tokenizer=... to "
+                       "quantize_module_transform_pass")
+    windows, bos = data.shared_calibration_windows(ctx.calibration, tok, cfg.dataset, cfg.calib_nsamples,
+                                                   cfg.calib_seqlen, seed=cfg.seed, data_dir=ctx.data_dir)
+    src = cfg.dataset if isinstance(cfg.dataset, str) else list(cfg.dataset)
+    return windows, {"dataset": src, "nsamples": cfg.calib_nsamples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed,
+                     "bos_id": bos}
+
+
 class Pass(Protocol):
     name: str
     after: tuple[str, ...]

@@ -60,7 +60,7 @@ from torch import nn
 
 from ptq.config import RotationLearnConfig
 from ptq.errors import CheckpointError, ModelError, PtqError, RecipeError
-from ptq.passes.base import PassContext, register_pass
+from ptq.passes.base import PassContext, calibration_windows, register_pass
 
 CHECKPOINT_FORMAT = 1
 READS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -659,17 +659,7 @@ class RotationLearnPass:
 
     @staticmethod
     def _calibration(cfg: RotationLearnConfig, ctx: PassContext) -> tuple[torch.Tensor, dict]:
-        from ptq import data
-
-        tok = ctx.tokenizer
-        if tok is None:
-            raise PtqError("rotation_learn needs a tokenizer for its calibration text: pass tokenizer=... to "
-                           "quantize_module_transform_pass")
-        windows, bos = data.shared_calibration_windows(ctx.calibration, tok, cfg.dataset, cfg.calib_nsamples,
-                                                       cfg.calib_seqlen, seed=cfg.seed, data_dir=ctx.data_dir)
-        src = cfg.dataset if isinstance(cfg.dataset, str) else list(cfg.dataset)
-        return windows, {"dataset": src, "nsamples": cfg.calib_nsamples, "seqlen": cfg.calib_seqlen,
-                         "seed": cfg.seed, "bos_id": bos}
+        return calibration_windows(ctx, "rotation_learn", cfg)
 
 
 def _copy(state: dict) -> dict:

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptq.config import ROTATION_TYPES, RotationSearchConfig
-from ptq.errors import CheckpointError, ModelError, PtqError, RecipeError
-from ptq.passes.base import PassContext, register_pass
+from ptq.errors import CheckpointError, ModelError, RecipeError
+from ptq.passes.base import PassContext, calibration_windows, register_pass
 
 LINEAR_TYPES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")  # = their roles
 ATTENTION_TYPES = ("kv_cache", "qk_matmul")
@@ -394,14 +394,4 @@ class RotationSearchPass:
         cache.save()
 
     def _calibration(self, model: nn.Module, cfg: RotationSearchConfig, ctx: PassContext) -> tuple[torch.Tensor, dict]:
-        from ptq import data
-
-        tok = ctx.tokenizer
-        if tok is None:
-            raise PtqError("rotation_search needs a tokenizer for its calibration text: pass tokenizer=... to "
-                           "quantize_module_transform_pass")
-        windows, bos = data.shared_calibration_windows(ctx.calibration, tok, cfg.dataset, cfg.calib_nsamples,
-                                                       cfg.calib_seqlen, seed=cfg.seed, data_dir=ctx.data_dir)
-        src = cfg.dataset if isinstance(cfg.dataset, str) else list(cfg.dataset)
-        return windows, {"dataset": src, "nsamples": cfg.calib_nsamples, "seqlen": cfg.calib_seqlen,
-                         "seed": cfg.seed, "bos_id": bos}
+        return calibration_windows(ctx, "rotation_search", cfg)
