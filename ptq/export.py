@@ -382,6 +382,11 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
     if hasattr(model, "tie_weights"):
         with contextlib.suppress(Exception):
             model.tie_weights()
+    return placed(model, dtype, device)
+
+
+def placed(model: nn.Module, dtype, device) -> nn.Module:
+    """A loaded model cast to ``dtype`` and moved to ``device`` (None: as stored), in eval mode."""
     if dtype is not None:
         model.to(dtype)
     if device is not None:

@@ -617,7 +617,7 @@ def load_compressed_tensors(path: str | os.PathLike, device: torch.device | str 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from ptq.export import (_attn_cfg_from_dict, _linear_cfg_from_dict, _parameters_on_meta, _set_module)
+    from ptq.export import _attn_cfg_from_dict, _linear_cfg_from_dict, _parameters_on_meta, _set_module, placed
     from ptq.modules.packed import PACKABLE_FAMILIES, PackedLinear, rotation_from_dict
     from ptq.passes.swap import swap_modules
 
@@ -696,8 +696,4 @@ def load_compressed_tensors(path: str | os.PathLike, device: torch.device | str 
         model.get_submodule(name).set_quantized_weight(w)
     if hasattr(model, "tie_weights") and side.get("tied"):
         model.tie_weights()
-    if dtype is not None:
-        model.to(dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return placed(model, dtype, device)

@@ -71,6 +71,16 @@ def stories260k(stories260k_path):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models' ops gain nothing from threads, which only add contention on a busy 2-core runner; files opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def gen() -> torch.Generator:
     """A generator with a fresh seed per test (printed, so a failure can be replayed)."""
     import random

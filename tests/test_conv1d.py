@@ -22,12 +22,7 @@ A8 = QuantSpec.mxint(8, block_size=32)
 CONV = r"transformer\.h\.\d+\.(attn|mlp)\.c_(attn|proj|fc)"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_names(model):

@@ -29,12 +29,7 @@ A8 = QuantSpec.mxint(8, block_size=32)
 EXPERTS = r"model\.layers\.\d+\.mlp\.experts"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(n=2, t=24, seed=0):

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptq_recipe import gptq_recipe_text
+
 from ptq.passes.checkpoint import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,25 +61,8 @@ WORKER = textwrap.dedent("""\
 
 def recipe(tmp_path, name, checkpoint_dir):
     p = tmp_path / f"{name}.toml"
-    ck = f"checkpoint_dir = {json.dumps(str(checkpoint_dir))}\n" if checkpoint_dir else ""
-    p.write_text(textwrap.dedent(f"""\
-        extends = {json.dumps(str(ROOT / "recipes" / "w4a4kv4.toml"))}
-        [gptq]
-        dataset = "tinystories"
-        nsamples = 8
-        seqlen = 32
-        cali_batch_size = 2
-        act_order = true
-        clip_search_y = true
-        """) + ck + textwrap.dedent("""\
-        [gptq.weight_config]
-        weight_block_size = 32
-        weight_width = 4
-        ['layers\\.\\d+\\.(q|k|v|qkv|o)']
-        gptq = true
-        ['layers\\.\\d+\\.(gate|up|gate_up|down|experts)']
-        gptq = true
-        """))
+    p.write_text(gptq_recipe_text(checkpoint_dir, dataset="tinystories", nsamples=8, seqlen=32, cali_batch_size=2,
+                                  act_order=True, clip_search_y=True))
     return p
 
 

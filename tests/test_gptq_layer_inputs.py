@@ -23,12 +23,7 @@ EXPECTED_PATHS = {"gpt_neox": "gpt_neox.layers", "falcon": "transformer.h", "gpt
                   "opt": "model.decoder.layers"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(family):

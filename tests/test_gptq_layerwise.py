@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptq_recipe import gptq_recipe_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TEXTS = ["Once upon a time there was a little girl named Lily. She liked to play in the park with her dog.",
@@ -32,18 +34,8 @@ TEXTS = ["Once upon a time there was a little girl named Lily. She liked to play
 
 def recipe(tmp_path, name, checkpoint_dir, **extra):
     p = tmp_path / f"{name}.toml"
-    settings = {"dataset": TEXTS, "nsamples": 4, "seqlen": 16, "cali_batch_size": 2, **extra}
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
-    p.write_text(f"extends = {json.dumps(str(ROOT / 'recipes' / 'w4a4kv4.toml'))}\n[gptq]\n{lines}\n"
-                 f"checkpoint_dir = {json.dumps(str(checkpoint_dir))}\n" + textwrap.dedent("""\
-        [gptq.weight_config]
-        weight_block_size = 32
-        weight_width = 4
-        ['layers\\.\\d+\\.(q|k|v|qkv|o)']
-        gptq = true
-        ['layers\\.\\d+\\.(gate|up|gate_up|down|experts)']
-        gptq = true
-        """))
+    p.write_text(gptq_recipe_text(checkpoint_dir, dataset=TEXTS, nsamples=4, seqlen=16, cali_batch_size=2,
+                                  **extra))
     return p
 
 

@@ -14,39 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptq_recipe import gptq_recipe_text
+
 from ptq.errors import CheckpointError, PtqError
 from ptq.passes.checkpoint import MANIFEST, layer_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """stories260k's ops are tiny: extra threads only add contention on a busy 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe_text(checkpoint_dir, **gptq):
-    settings = {"dataset": "tinystories", "nsamples": 6, "seqlen": 48, "cali_batch_size": 4,
-                "quantile_search": True, **gptq}
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
-    ck = f'checkpoint_dir = {json.dumps(str(checkpoint_dir))}' if checkpoint_dir else ""
-    return textwrap.dedent(f"""\
-        extends = {json.dumps(str(ROOT / "recipes" / "w4a4kv4.toml"))}
-        [gptq]
-        {{lines}}
-        {{ck}}
-        [gptq.weight_config]
-        weight_block_size = 32
-        weight_width = 4
-        ['layers\\.\\d+\\.(q|k|v|qkv|o)']
-        gptq = true
-        ['layers\\.\\d+\\.(gate|up|gate_up|down|experts)']
-        gptq = true
-        """).replace("{lines}", lines).replace("{ck}", ck)
+    return gptq_recipe_text(checkpoint_dir, **{"dataset": "tinystories", "nsamples": 6, "seqlen": 48,
+                                               "cali_batch_size": 4, "quantile_search": True, **gptq})
 
 
 def write_recipe(tmp_path, name, checkpoint_dir, **gptq):
