@@ -1,11 +1,12 @@
 import hashlib
 import lzma
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from network_guard import refuse_network
 
 from ptq.data import (EMBEDDED_DIR, calibration_windows, embedded_path, eval_windows, load_text, local_path,
                       source_digest, text_origin, tokenize)
@@ -69,15 +70,7 @@ def test_embedded_texts_are_the_originals(name):
 
 
 def _no_network(monkeypatch):
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled by the test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    return attempts
+    return refuse_network(monkeypatch)
 
 
 def test_named_sources_default_to_the_embedded_copy_without_network(tmp_path, data_dir, monkeypatch):

@@ -46,19 +46,13 @@ def test_bad_paths(tmp_path, monkeypatch):
 
 
 def test_unreachable_hub_is_one_quick_clear_error(monkeypatch, capsys):
-    import socket
     import time
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    attempts = []
+    from network_guard import refuse_network
 
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled by the test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    attempts = refuse_network(monkeypatch)
     t0 = time.perf_counter()
     with pytest.raises(ModelError, match="not reachable.*not in the local Hugging Face cache.*--model DIR"):
         load_model("nobody-ptq-test/no-such-model")

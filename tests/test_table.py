@@ -161,19 +161,11 @@ def test_table_command_reports_user_errors(tmp_path, capsys):
 
 
 def _no_network(monkeypatch) -> list:
-    import socket
+    from network_guard import refuse_network
 
     for var in ("PTQ_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled by the test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    return attempts
+    return refuse_network(monkeypatch)
 
 
 def test_quick_table_is_offline_and_the_cpu_default(tmp_path, stories260k_path, monkeypatch, capsys):
