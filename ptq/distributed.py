@@ -132,5 +132,9 @@ def process_group_from_env(device: str | torch.device | None, timeout_s: float =
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     try:
         yield True
+        # A rank that tears its group down while another still works (rank 0 writes the output) can abort
+        # inside gloo ("terminate called without an active exception"): leave together. Not after an error,
+        # where the peers may never arrive.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

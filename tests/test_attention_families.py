@@ -69,6 +69,27 @@ def incremental_logits(model, ids: torch.Tensor, prefill: int = 20) -> tuple[tor
     return torch.cat(out, dim=1), cache
 
 
+def assert_generate_agrees_with_no_cache(model, prompt: torch.Tensor, **kw) -> None:
+    """Greedy `generate` with a cache gives the tokens of `generate` without one, for a model that quantizes
+    activations. Such a model is not exactly invariant to the sequence length: torch may pick another fp32 kernel for
+    another length (differences ~1e-7), and a 4-bit rounding can flip on that. The first generated token comes from
+    the same prefill either way and must always agree; where later tokens part, the full forward itself must be shown
+    length-sensitive (prefix logits at some length differ from the longest forward's by > 1e-4), else the cache is
+    wrong."""
+    kw = dict(do_sample=False, pad_token_id=0, **kw)
+    cached = model.generate(prompt, use_cache=True, **kw)
+    plain = model.generate(prompt, use_cache=False, **kw)
+    n = prompt.shape[1]
+    assert torch.equal(cached[:, :n + 1], plain[:, :n + 1]), "the first generated token differs: same prefill"
+    if torch.equal(cached, plain):
+        return
+    full = model(plain, use_cache=False).logits
+    shift = max((model(plain[:, :length], use_cache=False).logits - full[:, :length]).abs().max().item()
+                for length in range(n, plain.shape[1]))
+    assert shift > 1e-4, f"generate with a cache parts from generate without one ({cached.tolist()} vs " \
+        f"{plain.tolist()}) although the full forward is length-invariant (max shift {shift:.2g}): the cache is wrong"
+
+
 class IdentityRotation(nn.Module):
     """A rotation that changes nothing: routes the module through ptq's attention function without changing math."""
 
