@@ -49,6 +49,11 @@ def scale_multipliers(spec: QuantSpec) -> tuple[float, ...]:
     return MX_MULTIPLIERS if spec.family in ("mxint", "mxfp", "mx6", "mx9") else RATIO_MULTIPLIERS
 
 
+def candidate_multipliers(spec: QuantSpec, device: torch.device | str) -> torch.Tensor:
+    """`scale_multipliers` as an fp32 tensor on ``device``."""
+    return torch.tensor(scale_multipliers(spec), dtype=torch.float32, device=device)
+
+
 def element_group(spec: QuantSpec) -> int:
     """Columns quantized together: mx6 / mx9 share a prime bit between pairs of elements."""
     return 2 if spec.family in ("mx6", "mx9") else 1
@@ -101,18 +106,21 @@ def search_block_scale(
     objective: Objective,
     h_block: torch.Tensor | None = None,
     global_scale: torch.Tensor | None = None,
+    multipliers: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick, per row, the candidate scale of block ``w [rows, L]`` with the least ``objective``.
 
     Returns ``(scale [rows, 1], zero_point [rows, 1] | None)`` in the format ``quantize_with_scale`` takes.
-    ``h_block [L, L]`` is required for ``objective="output"``.
+    ``h_block [L, L]`` is required for ``objective="output"``. ``multipliers``: `candidate_multipliers` on ``w``'s
+    device, for callers that search many blocks (building it per block is a host-to-device copy, which waits for the
+    GPU).
     """
     if objective not in OBJECTIVES:
         raise QuantSpecError(f"unknown clip-search objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if objective == "output" and h_block is None:
         raise QuantSpecError("clip_search_y (objective 'output') needs the block's Hessian h_block")
     w = w.float()
-    mult = torch.tensor(scale_multipliers(spec), dtype=torch.float32, device=w.device)
+    mult = candidate_multipliers(spec, w.device) if multipliers is None else multipliers
     cands = w.unsqueeze(0) * mult.view(-1, 1, 1)  # [C, rows, L]
     scales, zps = rule_scale(cands, spec, global_scale)  # [C, rows, 1]
     q = quantize_block(w.unsqueeze(0).expand_as(cands), scales, spec, zps, global_scale)
@@ -121,6 +129,12 @@ def search_block_scale(
         loss = err.square().sum(-1)
     else:
         loss = torch.einsum("cri,ij,crj->cr", err, h_block.float(), err)
+    # A candidate that rounds the row exactly as an earlier one is a tie, but the batched GEMM may sum the two
+    # candidates' equal errors in different orders: let it never win, so ties go to the earlier multiplier
+    # whatever the GEMM does (as in the Triton kernel, which compares losses with a strict <).
+    for c in range(1, q.shape[0]):
+        repeat = (q[c].unsqueeze(0) == q[:c]).all(-1).any(0)
+        loss[c] = loss[c].masked_fill(repeat, float("inf"))
     best = loss.argmin(0)  # first minimum: multiplier 1 on ties
     rows = torch.arange(w.shape[0], device=w.device)
     scale = scales[best, rows]

@@ -10,9 +10,15 @@ share one scale). We permute whole blocks by their summed ``diag(H)`` (descendin
 element groups by their own ``diag(H)``. Each block stays contiguous in the processing order, so its scale is still
 chosen when it is reached, and the result is a valid blocked tensor in the original column order.
 
-Lazy batch updates: columns are processed in batches of whole blocks (``blocksize`` columns, rounded to whole
-blocks); the rank-``blocksize`` update of the columns after the batch is applied once per batch. This is the same
-arithmetic as the column-by-column algorithm, regrouped.
+Lazy updates on two levels: inside a block, each column's error reaches the block's later columns at once (the
+sequential part, `gptq_block`); the block's error reaches the rest of its batch (``blocksize`` columns, rounded
+to whole blocks) as one rank-``block_size`` update, and the batch's error the columns after the batch as one
+rank-``blocksize`` update. The same arithmetic as the column-by-column algorithm, regrouped.
+
+On CUDA the sequential part of a block (scale choice and column loop) is one Triton kernel where the format allows
+(`ptq.kernels.gptq_block`: mxint / mxfp whole, nvfp4 the column loop). In torch it is some twenty small kernels per
+column and fifty per clip search, which at 8B scale made launching them, not the arithmetic, the cost of GPTQ. The
+kernel computes what the torch path computes (see its module docstring for the one place summation order enters).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ptq.errors import PtqError, QuantSpecError
 from ptq.formats import QuantSpec
 from ptq.gptq.clip_search import (
     OBJECTIVES,
+    candidate_multipliers,
     element_group,
     quantize_block,
     rule_scale,
@@ -48,6 +55,18 @@ class GPTQResult:
     global_scale: torch.Tensor | None
     proxy_loss: float
     perm: torch.Tensor | None
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x of ``x [tokens, features]`` in fp32, the per-batch term of a Hessian.
+
+    bf16 / fp16 inputs on CUDA go through the tensor cores with fp32 accumulation and output: their products are
+    exact in fp32 (two 8- or 11-bit significands), so the result is the fp32 GEMM of the widened input up to
+    summation order, at a fraction of its cost (a 14336-wide down_proj Hessian over 262k tokens is ~108 TFLOP)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(x.T, x, out_dtype=torch.float32)
+    x = x.float()
+    return x.T @ x
 
 
 def proxy_loss(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
@@ -99,7 +118,11 @@ def processing_order(
     """Column permutation and the blocks in processing order as (start, length, original block index).
 
     Without act-order: identity. With act-order: blocks by summed diag(H) descending, element groups inside a block
-    by their diag(H) descending (stable sorts, so ties keep the original order)."""
+    by their diag(H) descending (stable sorts, so ties keep the original order). Computed on the CPU: these are a
+    few small operations per block, which as GPU launches (and a read-back per block) would cost more than GPTQ's
+    arithmetic."""
+    device = diag.device
+    diag = diag.detach().cpu()
     n = diag.numel()
     n_blocks = -(-n // block_size)
     starts = [b * block_size for b in range(n_blocks)]
@@ -110,15 +133,79 @@ def processing_order(
         block_order = list(range(n_blocks))
     pieces, segments, pos = [], [], 0
     for b in block_order:
-        cols = torch.arange(starts[b], min(starts[b] + block_size, n), device=diag.device)
-        if act_order:
+        cols = torch.arange(starts[b], min(starts[b] + block_size, n))
+        if act_order and group == 1:
+            cols = cols[torch.argsort(diag[cols], descending=True, stable=True)]
+        elif act_order:
             units = cols.split(group)
             keys = torch.stack([diag[u].sum() for u in units])
             cols = torch.cat([units[i] for i in torch.argsort(keys, descending=True, stable=True).tolist()])
         pieces.append(cols)
         segments.append((pos, cols.numel(), b))
         pos += cols.numel()
-    return torch.cat(pieces), segments
+    return torch.cat(pieces).to(device), segments
+
+
+def gptq_block(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    spec: QuantSpec,
+    clip: str | None = None,
+    h_block: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
+    multipliers: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The sequential part of GPTQ for one block ``w [rows, L]`` (its current, error-updated weights): choose the
+    block's scale (the format's rule, or the clip search ``clip`` with the damped Hessian's block ``h_block``), then
+    quantize column by column (mx6 / mx9: pair by pair), feeding each column's error forward to the block's later
+    columns through ``u [L, L]`` (the block's diagonal sub-block of the upper Cholesky factor of H^-1).
+
+    Returns ``(q, err, scale [rows, 1], zero_point [rows, 1] | None)``, q and err [rows, L], err the scaled errors
+    (w_c - q_c) / u_cc that the later blocks need. ``w`` is not modified. On CUDA, `ptq.kernels.gptq_block` does
+    the scale choice and the column loop in one launch where the format allows."""
+    from ptq.kernels.gptq_block import kernel_mode, triton_gptq_block
+
+    mode = kernel_mode(spec, w)
+    if mode == "block":
+        q, err, scale = triton_gptq_block(w, u, spec, clip=clip, h_block=h_block)
+        return q, err, scale, None
+    if clip is None:
+        scale, zp = rule_scale(w, spec, global_scale)
+    else:
+        scale, zp = search_block_scale(w, spec, clip, h_block, global_scale, multipliers)
+    rows = w.shape[0]
+    scale = scale.reshape(rows, 1)
+    zp = zp.reshape(rows, 1) if zp is not None else None
+    if mode == "columns":
+        q, err, _ = triton_gptq_block(w, u, spec, scale=scale, global_scale=global_scale)
+        return q, err, scale, zp
+    q, err = block_columns(w, u, scale, spec, zp, global_scale)
+    return q, err, scale, zp
+
+
+def block_columns(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    scale: torch.Tensor,
+    spec: QuantSpec,
+    zero_point: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column loop of `gptq_block` in torch, under a given ``scale [rows, 1]``: ``(q, err)``."""
+    w = w.clone()
+    q_out = torch.empty_like(w)
+    err = torch.empty_like(w)
+    n, group = w.shape[1], element_group(spec)
+    for j in range(0, n, group):
+        k = min(group, n - j)
+        q = quantize_block(w[:, j : j + k], scale, spec, zero_point, global_scale)
+        for t in range(k):
+            c = j + t
+            q_out[:, c] = q[:, t]
+            e = (w[:, c] - q[:, t]) / u[c, c]
+            w[:, c + 1 :].addr_(e, u[c, c + 1 :], alpha=-1.0)
+            err[:, c] = e
+    return q_out, err
 
 
 @torch.no_grad()
@@ -176,6 +263,7 @@ def gptq_quantize(
     asym = spec.family == "int" and not spec.symmetric
     zps = torch.zeros_like(scales) if asym else None
     per_batch = max(1, blocksize // bs)
+    mult = candidate_multipliers(spec, w.device) if clip is not None else None
     for s0 in range(0, n_blocks, per_batch):
         batch = segments[s0 : s0 + per_batch]
         i1, i2 = batch[0][0], batch[-1][0] + batch[-1][1]
@@ -185,26 +273,14 @@ def gptq_quantize(
         u1 = u[i1:i2, i1:i2]
         for start, length, b in batch:
             a = start - i1
-            blk = w1[:, a : a + length]
-            if clip is None:
-                scale, zp = rule_scale(blk, spec, global_scale)
-            else:
-                hb = h_damped[start : start + length, start : start + length] if clip == "output" else None
-                scale, zp = search_block_scale(blk, spec, clip, hb, global_scale)
-            scale = scale.reshape(out_f, 1)
-            zp = zp.reshape(out_f, 1) if zp is not None else None
+            hb = h_damped[start : start + length, start : start + length] if clip == "output" else None
+            ub = u1[a : a + length, a : a + length]
+            q, err, scale, zp = gptq_block(w1[:, a : a + length], ub, spec, clip, hb, global_scale, mult)
+            q1[:, a : a + length], err1[:, a : a + length] = q, err
             scales[:, b] = scale[:, 0]
             if zps is not None:
                 zps[:, b] = zp[:, 0]
-            for j in range(a, a + length, group):
-                k = min(group, a + length - j)
-                q = quantize_block(w1[:, j : j + k], scale, spec, zp, global_scale)
-                for t in range(k):
-                    c = j + t
-                    q1[:, c] = q[:, t]
-                    e = (w1[:, c] - q[:, t]) / u1[c, c]
-                    w1[:, c + 1 :].addr_(e, u1[c, c + 1 :], alpha=-1.0)  # one fused kernel per column
-                    err1[:, c] = e
+            w1[:, a + length :] -= err1[:, a : a + length] @ u1[a : a + length, a + length :]
         q_all[:, i1:i2] = q1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 

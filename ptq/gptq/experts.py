@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ptq.errors import ModelError
-from ptq.gptq.core import HessianError, gptq_quantize, proxy_loss
+from ptq.gptq.core import HessianError, gram, gptq_quantize, proxy_loss
 from ptq.modules.experts import PROJECTIONS, ExpertsMX
 
 
@@ -69,10 +69,10 @@ class HessianSums:
         self.counts = [0] * num_experts
 
     def add(self, expert_idx: int, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1])
         if self.sums[expert_idx] is None:
             self.sums[expert_idx] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        self.sums[expert_idx].addmm_(x.T, x)
+        self.sums[expert_idx] += gram(x)
         self.counts[expert_idx] += x.shape[0]
 
     def hessian(self, expert_idx: int) -> torch.Tensor:

@@ -146,6 +146,14 @@ def _nvfp4_tile(x, ax, amax, u, g, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, E
                 S_EMAX: tl.constexpr, S_MAX: tl.constexpr):
     """NVFP4 fake quantization of a tile (see `fake_quant_tile`)."""
     s = nvfp4_block_scale(amax, g, MAX_NORMAL, S_MAN, S_EMIN, S_EMAX, S_MAX)
+    return nvfp4_elements(x, ax, s, g, u, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING)
+
+
+@triton.jit
+def nvfp4_elements(x, ax, s, g, u, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+                   MAX_NORMAL: tl.constexpr, ROUNDING: tl.constexpr):
+    """E2M1 elements of ``x`` (``ax = |x|``) under the decoded E4M3 block scale ``s`` and global scale ``g``:
+    (q * s) * g with q the E2M1 rounding of x / (s g) (``s`` broadcast against ``x``)."""
     d = s * g
     used = s > 0.0
     if g >= NV_FAST_G:
@@ -222,6 +230,22 @@ def _int_asym_tile(x, finite, u, LEVELS: tl.constexpr, ROUNDING: tl.constexpr):
 
 
 @triton.jit
+def mx_elements(x, ax, e, u, FAMILY: tl.constexpr, MAN_BITS: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr,
+                MAX_NORMAL: tl.constexpr, LEVELS: tl.constexpr, FRAC_BITS: tl.constexpr, ROUNDING: tl.constexpr):
+    """mxint (FAMILY 0) / mxfp (1) elements of ``x`` (``ax = |x|``) under the shared scale 2^e (int32 ``e``
+    broadcast against ``x``)."""
+    a = ax * exp2i(-e)  # |x| / 2^e, rounded like the reference's division
+    if FAMILY == 0:
+        m = tl.minimum(round_magnitude(a * (1 << FRAC_BITS), u, ROUNDING), LEVELS)
+        # m * 2^(e - FRAC_BITS) is exact (<= 7 significant bits, >= 2^-133); zero elements are +0 (no -0 code)
+        y = tl.where(m > 0.0, copysign_bits(m * exp2i(e - FRAC_BITS), x), 0.0)
+    else:
+        q = minifloat_round(a, u, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING)
+        y = copysign_bits(q * exp2i(e), x)
+    return y
+
+
+@triton.jit
 def fake_quant_tile(x, ax, amax, u, g,
                     FAMILY: tl.constexpr, WIDTH: tl.constexpr, MAN_BITS: tl.constexpr, EMAX: tl.constexpr,
                     EMIN: tl.constexpr, MAX_NORMAL: tl.constexpr, LEVELS: tl.constexpr, FRAC_BITS: tl.constexpr,
@@ -237,14 +261,7 @@ def fake_quant_tile(x, ax, amax, u, g,
     finite = tl.abs(x) < float("inf")
     if FAMILY == 0 or FAMILY == 1:  # mxint / mxfp: E8M0 scale 2^e (all-zero block: 2^-127)
         e = mx_block_exponent(amax, EMAX, MAX_NORMAL, SCALE_CEIL)
-        a = ax * exp2i(-e)  # |x| / 2^e, rounded like the reference's division
-        if FAMILY == 0:
-            m = tl.minimum(round_magnitude(a * (1 << FRAC_BITS), u, ROUNDING), LEVELS)
-            # m * 2^(e - FRAC_BITS) is exact (<= 7 significant bits, >= 2^-133); zero elements are +0 (no -0 code)
-            y = tl.where(m > 0.0, copysign_bits(m * exp2i(e - FRAC_BITS), x), 0.0)
-        else:
-            q = minifloat_round(a, u, MAN_BITS, EMIN, EMAX, MAX_NORMAL, ROUNDING)
-            y = copysign_bits(q * exp2i(e), x)
+        y = mx_elements(x, ax, e, u, FAMILY, MAN_BITS, EMAX, EMIN, MAX_NORMAL, LEVELS, FRAC_BITS, ROUNDING)
     elif FAMILY == 2:  # mx6 / mx9: block exponent E, one prime bit per pair of elements
         max_exp = tl.maximum(floor_log2(amax), -127)
         below = ax < exp2i(max_exp)  # floor(log2|x|) <= E - 1; zeros and non-finite values count as below
