@@ -164,6 +164,11 @@ def main(argv=None) -> int:
         print(f"| {row['shape']} | {row['world_size']} | {row['s_per_layer']:.3f} | "
               f"{row['s_per_layer'] / base['s_per_layer']:.2f} | {row['peak_gpu'] / gib:.2f} | {gpu_ratio} | "
               f"{row['peak_cpu'] / gib:.2f} | {row['gptq_s']:.2f} |")
+    print("\nTime per phase, seconds over all layers (the pass's time_breakdown):\n")
+    for row, _ in rows:
+        if row is not None:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["breakdown"].items(), key=lambda kv: -kv[1]))
+            print(f"- {row['shape']} x {row['world_size']}: {parts}")
     return 0 if ok else 1
 
 

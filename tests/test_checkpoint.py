@@ -132,3 +132,37 @@ def test_other_layer_count_and_no_resume_are_refused(tmp_path):
     f.write_text("x")
     with pytest.raises(CheckpointError, match="not a directory"):
         CheckpointStore.open(f, FP, 4)
+
+
+def test_background_writer_keeps_order_and_finishes_on_exit(tmp_path):
+    from ptq.passes.checkpoint import BackgroundWriter
+
+    store = CheckpointStore.open(tmp_path / "ck", FP, 4)
+    with BackgroundWriter(store) as w:
+        for i in range(3):
+            w.save_layer(i, tensors(i))
+    again = CheckpointStore.open(tmp_path / "ck", FP, 4)
+    assert again.finished == 3
+    for i in range(3):
+        assert all(torch.equal(again.load_layer(i)[k], v) for k, v in tensors(i).items())
+
+
+def test_background_writer_keeps_computed_layers_when_the_run_fails(tmp_path):
+    from ptq.passes.checkpoint import BackgroundWriter
+
+    store = CheckpointStore.open(tmp_path / "ck", FP, 4)
+    with pytest.raises(RuntimeError, match="layer 2 blew up"):
+        with BackgroundWriter(store) as w:
+            w.save_layer(0, tensors(0))
+            w.save_layer(1, tensors(1))
+            raise RuntimeError("layer 2 blew up")
+    assert CheckpointStore.open(tmp_path / "ck", FP, 4).finished == 2
+
+
+def test_background_writer_reports_a_failed_write(tmp_path):
+    from ptq.passes.checkpoint import BackgroundWriter
+
+    store = CheckpointStore.open(tmp_path / "ck", FP, 4)
+    with pytest.raises(CheckpointError, match="out of order"):
+        with BackgroundWriter(store) as w:
+            w.save_layer(1, tensors(1))  # layer 0 was never saved: the store refuses, the error reaches the caller

@@ -192,6 +192,53 @@ class CheckpointStore:
         })
 
 
+class BackgroundWriter:
+    """Saves layers to a `CheckpointStore` on one worker thread, so that serialising, hashing and fsyncing a layer
+    (about 1.5 s for a Llama-3-8B layer) overlaps the next layer's GPTQ instead of adding to it.
+
+    At most one layer is in flight: `save_layer` takes a CPU copy of the tensors, waits for the previous write and
+    hands this one over; the store's own write order (layer file, then manifest) is unchanged, so a crash loses at
+    most the layer being written, which the next run recomputes. Use it as a context manager: leaving the block
+    waits for the last write, also when the block raised (what was computed is kept; a write error is then
+    reported as a warning so it does not hide the original one)."""
+
+    def __init__(self, store: CheckpointStore):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptq-checkpoint")
+        self._pending = None
+
+    def save_layer(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        cpu = {k: v.detach().cpu() for k, v in tensors.items()}
+        self.wait()
+        self._pending = self._pool.submit(self.store.save_layer, index, cpu)
+
+    def wait(self) -> None:
+        """Block until the layer in flight is written; raise its error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            else:
+                try:
+                    self.wait()
+                except Exception as err:  # the original error is the one to see
+                    import warnings
+
+                    warnings.warn(f"writing a checkpoint layer to {self.store.directory} failed too: {err}",
+                                  stacklevel=2)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def _test_hook(point: str, layer: int) -> None:
     """TEST HOOK: ``PTQ_TEST_KILL_AT=<point>:<layer>`` SIGKILLs this process there (crash-safety tests only);
     ``<point>:<layer>@<rank>`` kills only that torchrun rank.

@@ -52,7 +52,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +62,10 @@ import torch.nn as nn
 from ptq import distributed
 from ptq.errors import CheckpointError, ModelError, PtqError
 from ptq.gptq import HessianError, gptq_quantize
+from ptq.gptq.core import gram
 from ptq.gptq.experts import ExpertsProjection, experts_targets, gptq_experts
 from ptq.passes.base import PassContext, register_pass
-from ptq.passes.checkpoint import CheckpointStore, _test_hook
+from ptq.passes.checkpoint import BackgroundWriter, CheckpointStore, _test_hook
 
 if TYPE_CHECKING:  # pragma: no cover
     from ptq.recipe import Recipe
@@ -470,20 +471,23 @@ class GPTQPass:
                 inputs = self._run_layer(layers[i], inputs, device)
         bar = tqdm(total=len(layers), initial=start, disable=not show, unit="layer",
                    desc="GPTQ" + (f" (resumed at layer {start})" if start else ""))
-        for i in range(start, len(layers)):
-            layer = layers[i]
-            with self._resident(layer, i):
-                results = self._quantize_layer(i, layer, targets[i], inputs, cfg, device)
-                if i + 1 < len(layers):
-                    with self._timed("layer_outputs"):
-                        inputs = self._run_layer(layer, inputs, device)
-                for name, (m, loss) in results.items():
-                    info["proxy_loss"][f"{path}.{i}.{name}"] = loss
-                if store is not None and distributed.is_main():
-                    with self._timed("checkpoint"):
-                        store.save_layer(i, {f"{path}.{i}.{n}": m.effective_weight() for n, (m, _) in results.items()})
-            info["computed"].append(i)
-            bar.update(1)
+        writer = BackgroundWriter(store) if store is not None and distributed.is_main() else None
+        with writer if writer is not None else nullcontext():
+            for i in range(start, len(layers)):
+                layer = layers[i]
+                with self._resident(layer, i):
+                    results = self._quantize_layer(i, layer, targets[i], inputs, cfg, device)
+                    if i + 1 < len(layers):
+                        with self._timed("layer_outputs"):
+                            inputs = self._run_layer(layer, inputs, device)
+                    for name, (m, loss) in results.items():
+                        info["proxy_loss"][f"{path}.{i}.{name}"] = loss
+                    if writer is not None:
+                        with self._timed("checkpoint"):
+                            writer.save_layer(i, {f"{path}.{i}.{n}": m.effective_weight()
+                                                  for n, (m, _) in results.items()})
+                info["computed"].append(i)
+                bar.update(1)
         bar.close()
 
     def _apply_saved(self, store, i, targets, cfg) -> None:
@@ -721,9 +725,9 @@ class GPTQPass:
     def _hessians(self, layer, group, inputs: LayerInputs, device) -> dict[tuple, torch.Tensor]:
         """H = 2/N sum x x^T of each distinct prepared input of the group, over every calibration token of every rank.
 
-        Each batch's x^T x is an fp32 GEMM; the batches are summed in fp64 (exact for the magnitudes that occur), so
-        the result does not depend on how batches are split over ranks or in which order they are summed, and the
-        ranks' sums are all-reduced before scaling."""
+        Each batch's x^T x is an fp32 GEMM (`gram`: bf16 inputs on the tensor cores, exact products); the batches
+        are summed in fp64 (exact for the magnitudes that occur), so the result does not depend on how batches are
+        split over ranks or in which order they are summed, and the ranks' sums are all-reduced before scaling."""
         sums: dict[tuple, torch.Tensor] = {}
         counts: dict[tuple, int] = {}
         keys = {id(m): self._input_key(m) for _, m in group}
@@ -734,11 +738,11 @@ class GPTQPass:
             k = keys[id(module)]
             if k not in state["done"]:  # q, k, v usually share one prepared input: use it once per batch
                 state["done"].add(k)
-                x = module.prepare_input(args[0]).reshape(-1, args[0].shape[-1]).float()
+                x = module.prepare_input(args[0]).reshape(-1, args[0].shape[-1])
                 if k not in sums:
                     sums[k] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                     counts[k] = 0
-                sums[k] += x.T @ x
+                sums[k] += gram(x)
                 counts[k] += x.shape[0]
             if module is last:
                 raise _Stop
