@@ -11,7 +11,9 @@ import inspect
 
 import pytest
 import torch
+import transformers
 from families import FAMILIES, tiny_model
+from packaging.version import Version
 from torch import nn
 from transformers import DynamicCache
 
@@ -232,7 +234,11 @@ def test_qk_softmax_av_quantization_runs_or_is_refused(family):
     assert (got - want).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "falcon"])
+# Falcon computed attention itself up to transformers 5.24 (kv_cache only there); 5.25 dispatches it like the others.
+FALCON_DISPATCHES = Version(transformers.__version__) >= Version("5.25")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "falcon" or FALCON_DISPATCHES])
 def test_qk_softmax_quantized_decode_equals_full_forward(family):
     """Q K^T operands along head_dim and probabilities along the key axis are blocked per query row, with the key
     blocks aligned to absolute positions (also once a sliding-window cache has dropped keys: gemma3, mistral ...),
@@ -248,13 +254,14 @@ def test_qk_softmax_quantized_decode_equals_full_forward(family):
 
 # ---- support detection and refusals -------------------------------------------------------------------------------
 def test_support_table_of_the_families():
-    """Falcon computes attention itself (kv_cache only); every other family dispatches through transformers."""
+    """Every family dispatches attention through transformers (Falcon only from 5.25: before, kv_cache only)."""
     for family in FAMILY_NAMES:
         model = tiny_model(family)
         support = attention_support(type(model.get_submodule(attention_names(model)[0])))
+        computes_itself = family == "falcon" and not FALCON_DISPATCHES
         assert support.kv_cache, support.describe()
-        assert support.attention_points == (family != "falcon"), support.describe()
-        assert support.eager_refusal is None or family == "falcon", support.describe()
+        assert support.attention_points == (not computes_itself), support.describe()
+        assert support.eager_refusal is None or computes_itself, support.describe()
 
 
 def test_unsupported_attention_class_is_refused_before_any_work():

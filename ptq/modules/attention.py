@@ -43,7 +43,7 @@ and run `quantized_eager_attention`, which accepts the masks transformers builds
 What works for a class is decided from its forward before anything is swapped (`attention_support`): the cache
 write needs a cache parameter that the forward writes through ``.update(``; the Q-side points, ``v_rotation`` and
 qk / softmax / av need the forward to dispatch through ``AttentionInterface.get_interface`` (Falcon computes
-attention itself: kv_cache only).
+attention itself up to transformers 5.24: kv_cache only there; from 5.25 it dispatches like the others).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ _MATH_KWARGS = frozenset({"s_aux", "sinks", "position_bias", "head_mask", "layer
 TESTED_ATTENTION = ("LlamaAttention, MistralAttention, Qwen2/3Attention, Gemma2/3Attention, Phi3Attention, Olmo2Attention, "
                     "GraniteAttention, CohereAttention, GPTNeoXAttention, Starcoder2Attention, SmolLM3Attention, "
                     "MixtralAttention, Qwen2Moe/Qwen3MoeAttention, OPTAttention, GPT2Attention (all points); FalconAttention "
-                    "(kv_cache only)")
+                    "(all points from transformers 5.25, kv_cache only before)")
 
 
 def _along(spec: QuantSpec | None, axis: int) -> QuantSpec | None:
