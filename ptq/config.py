@@ -147,7 +147,8 @@ class RotationLearnConfig(_Strict):
     ``rotations``: "r1" rotates the residual stream (fused into the embedding, every linear reading or writing the
     residual, and lm_head; RMSNorm weights folded into the linears that read them); "r2" rotates each attention
     layer's values per head (fused into v_proj's rows and o_proj's columns). ``r1_block_size`` / ``r2_block_size``
-    pick the Hadamard they start from: None = the whole dimension, N = block-diagonal with blocks of N.
+    pick the Hadamard they start from: None = the whole dimension, N = block-diagonal with blocks of N, 1 = the
+    identity (use it on top of ``[rotation_search]``, whose online block Hadamards a start of the same block undoes).
     """
 
     rotations: list[LearnedRotation] = ["r1", "r2"]
@@ -183,6 +184,7 @@ class RotationLearnConfig(_Strict):
     @field_validator("r1_block_size", "r2_block_size")
     @classmethod
     def _block(cls, v, info):
-        if v is not None and v < 2:
-            raise ValueError(f"{info.field_name} must be >= 2 (or left out for the whole dimension), got {v}")
+        if v is not None and v < 1:
+            raise ValueError(f"{info.field_name} must be >= 1 (1 = the identity; left out = the whole dimension), "
+                             f"got {v}")
         return v

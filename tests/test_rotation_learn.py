@@ -85,7 +85,7 @@ def test_recipe_table_round_trips_and_plans_the_pass():
     ("lr = -1.0", "rotation_learn.lr"),
     ("rotations = []", "rotation_learn.rotations"),
     ("rotations = ['r1', 'r3']", "rotation_learn.rotations"),
-    ("r1_block_size = 1", "rotation_learn.r1_block_size"),
+    ("r1_block_size = 0", "rotation_learn.r1_block_size"),
 ])
 def test_recipe_errors_name_the_key(bad, path):
     from ptq.recipe import load_recipe
@@ -161,6 +161,47 @@ def test_hadamard_start_is_the_hadamard_rotation():
     torch.testing.assert_close(signed @ signed.T, torch.eye(96, dtype=torch.float64))
     with pytest.raises(ModelError, match="block_size"):
         hadamard_start(96, 40, None)
+
+
+def test_block_one_starts_from_the_identity():
+    from ptq.passes.rotation_learn import hadamard_start
+
+    assert torch.equal(hadamard_start(96, 1, None), torch.eye(96, dtype=torch.float64))
+    signed = hadamard_start(96, 1, torch.Generator().manual_seed(0))
+    assert torch.equal(signed.abs(), torch.eye(96, dtype=torch.float64)) and (signed.diagonal() < 0).any()
+
+
+@pytest.mark.parametrize("key,site", [("r1_block_size", "q_proj"), ("r2_block_size", "o_proj"),
+                                      ("r2_block_size", "attention")])
+def test_a_start_that_an_online_rotation_undoes_is_refused(key, site):
+    """A block-32 Hadamard start under an online block-32 Hadamard (what rotation_search installs) composes to a
+    +-1 permutation: refused, naming the key and the fix; the identity or a start the rotation does not undo pass."""
+    from families import tiny_model
+
+    from ptq.config import RotationLearnConfig
+    from ptq.modules.rotation import HadamardRotation
+    from ptq.passes.rotation_learn import discover_layout, refuse_cancelling_starts
+    from ptq.passes.swap import swap_modules
+    from ptq.recipe import load_recipe
+
+    model = tiny_model("llama")  # hidden 64, head_dim 32
+    swap_modules(model, load_recipe(RTN).resolve(model))
+    attention = model.model.layers[1].self_attn
+    if site == "attention":  # the K / V cache rotation along head_dim
+        attention.set_rotations(None, HadamardRotation(32, "full"))
+    else:
+        linear = attention.get_submodule(site)
+        linear.set_rotation(HadamardRotation(linear.in_features, "block", 32))
+    layout = discover_layout(model)
+    with pytest.raises(RecipeError, match=rf"{key} = 32.*layer 1 {site}.*Set {key} = 1"):
+        refuse_cancelling_starts(model, layout, RotationLearnConfig(**{key: 32}))
+    # the identity and block 16 leave a real rotation; so does r1's full 64-wide start (r2's full start is the
+    # head_dim 32 block itself, refused too)
+    for ok in (1, 16) + ((None,) if key == "r1_block_size" else ()):
+        refuse_cancelling_starts(model, layout, RotationLearnConfig(**{key: ok}))
+    if key == "r2_block_size":
+        with pytest.raises(RecipeError, match="r2_block_size = None: the start is the block-32 Hadamard"):
+            refuse_cancelling_starts(model, layout, RotationLearnConfig(r2_block_size=None))
 
 
 # ---- the pass on stories260k ------------------------------------------------------------------------------------

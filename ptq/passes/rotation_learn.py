@@ -12,8 +12,11 @@ Rotations (``[rotation_learn].rotations``; row-vector convention, a hidden state
   o_proj's input are rotated; attention itself is unchanged (softmax weights act per head, across tokens).
 
 Start: a Hadamard matrix (``ptq.hadamard``) of the whole dimension, or block-diagonal (``r1_block_size`` /
-``r2_block_size``), times a seeded random +-1 diagonal (``random_signs``), so step 0 is a (randomised) Hadamard
-rotation like the ones ``rotation_search`` installs online.
+``r2_block_size``; 1 = the identity), times a seeded random +-1 diagonal (``random_signs``), so step 0 is a
+(randomised) Hadamard rotation like the ones ``rotation_search`` installs online. A start that an installed online
+rotation undoes (a block-32 start under the search's block-32 Hadamards: the product is a +-1 permutation, and
+neither spreads anything) is refused before any work (`refuse_cancelling_starts`); on top of the search, start
+from the identity.
 
 Parameterisation: ``R = R0 cayley(A)``, ``A = P - P^T`` skew, ``cayley(A) = (I - A)^-1 (I + A)``, all in float64,
 so ``R`` is orthogonal to float64 precision whatever ``P`` is; ``P`` starts at zero and is trained with Adam (or
@@ -191,15 +194,18 @@ def discover_layout(model: nn.Module) -> ResidualLayout:
 # ---- orthogonal parameterisation ------------------------------------------------------------------------------
 
 def hadamard_start(n: int, block: int | None, signs: torch.Generator | None) -> torch.Tensor:
-    """``D H^T`` in float64: the (block-diagonal) normalised Hadamard ``H`` of ``ptq.hadamard`` and a random +-1
-    diagonal ``D`` (identity without ``signs``); ``h @ (D H^T)`` is the rotation ``HadamardRotation`` applies to
-    ``h * diag(D)``."""
+    """``D H^T`` in float64: the (block-diagonal) normalised Hadamard ``H`` of ``ptq.hadamard`` (the identity for
+    ``block = 1``) and a random +-1 diagonal ``D`` (identity without ``signs``); ``h @ (D H^T)`` is the rotation
+    ``HadamardRotation`` applies to ``h * diag(D)``."""
     from ptq import hadamard
 
     b = n if block is None or block >= n else block
-    hadamard.block_of(n, "block", b) if b != n else hadamard.factor_size(n)  # validates, names the alternatives
-    hb = hadamard.hadamard_matrix(b, dtype=torch.float64)
-    h = hb if b == n else torch.block_diag(*([hb] * (n // b)))
+    if b == 1:  # blocks of one: the identity (start from the model as it is)
+        h = torch.eye(n, dtype=torch.float64)
+    else:
+        hadamard.block_of(n, "block", b) if b != n else hadamard.factor_size(n)  # validates, names alternatives
+        hb = hadamard.hadamard_matrix(b, dtype=torch.float64)
+        h = hb if b == n else torch.block_diag(*([hb] * (n // b)))
     d = torch.ones(n, dtype=torch.float64)
     if signs is not None:
         d = torch.randint(0, 2, (n,), generator=signs).to(torch.float64) * 2 - 1
@@ -385,6 +391,56 @@ class LearnedRotations(nn.Module):
         return {"untied_embeddings": untied}
 
 
+def undoes(start: torch.Tensor, rot: nn.Module) -> bool:
+    """Whether the online rotation ``rot`` (applied after ``start``: ``t -> (t @ start) @ rot.matrix().T``) undoes the
+    start's Hadamard: the product is a signed permutation, which spreads nothing."""
+    matrix = getattr(rot, "matrix", None)
+    if matrix is None or start.shape[0] != getattr(rot, "size", None):
+        return False
+    p = start @ matrix(torch.float64).to(start.device).T
+    return bool(((p.abs() > 1e-6).sum(1) == 1).all())
+
+
+def refuse_cancelling_starts(model: nn.Module, layout: ResidualLayout, cfg: RotationLearnConfig) -> None:
+    """A Hadamard start of the block size an online rotation already uses (``[rotation_search]`` installs block-32
+    Hadamards) composes with it to a +-1 permutation: both would silently stop spreading outliers. Refuse that before
+    any work; block size 1 (the identity) or another block size composes."""
+    parents = {id(c): m for m in model.modules() for c in m.children()}
+    seen: dict[tuple, bool] = {}
+
+    def check(key: str, start_n: int, block, site: str, rot, expand: int = 1) -> None:
+        if rot is None:
+            return
+        ident = (key, start_n, block, expand, repr(rot.config()) if hasattr(rot, "config") else id(rot))
+        if ident not in seen:
+            start = hadamard_start(start_n, block, None)
+            seen[ident] = undoes(torch.block_diag(*([start] * expand)) if expand > 1 else start, rot)
+        if seen[ident]:
+            raise RecipeError(
+                f"[rotation_learn].{key} = {block}: the start is the block-{block or start_n} Hadamard, and {site} "
+                f"already has an online rotation ({rot.extra_repr()}; from "
+                f"[rotation_search] or set_rotation) that undoes it: together they are a +-1 permutation, so "
+                f"neither spreads outliers any more. Set {key} = 1 (start from the identity: the online "
+                f"rotations stay in effect) or a block size the online rotations do not use")
+
+    for layer in layout.layers:
+        if "r1" in cfg.rotations:
+            for name in READS:
+                mod = layer.linears.get(name)
+                if mod is not None:
+                    check("r1_block_size", layout.hidden, cfg.r1_block_size, f"layer {layer.index} {name}",
+                          getattr(mod, "rotation", None))
+        if "r2" in cfg.rotations:
+            o = layer.linears.get("o_proj")
+            heads = o.in_features // layer.head_dim if o is not None else 0
+            if o is not None:
+                check("r2_block_size", layer.head_dim, cfg.r2_block_size, f"layer {layer.index} o_proj",
+                      getattr(o, "rotation", None), expand=heads)
+            attention = parents.get(id(layer.linears.get("v_proj")))
+            check("r2_block_size", layer.head_dim, cfg.r2_block_size, f"layer {layer.index} attention (K / V)",
+                  getattr(attention, "v_rotation", None))
+
+
 def _start(n: int, block: int | None, signs, key: str, what: str) -> torch.Tensor:
     try:
         return hadamard_start(n, block, signs)
@@ -553,6 +609,7 @@ class RotationLearnPass:
         windows, calib = self._calibration(cfg, ctx)
         fingerprint = _fingerprint(model, cfg, windows, calib)
         rots = LearnedRotations(layout, cfg, device)
+        refuse_cancelling_starts(model, layout, cfg)
         path = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
         state = load_checkpoint(path, fingerprint, ctx.resume) if path is not None else None
         if state is not None and state["step"] > cfg.steps:
