@@ -117,6 +117,37 @@ def test_stale_cache_is_refused(searched, stories260k_path):
                                        progress=False, resume=False)
 
 
+def test_a_module_the_recipe_bypasses_is_not_rotated(stories260k_path, data_dir, tmp_path):
+    """A bypassed o_proj has no MX block for kind = "block" to default to: the search leaves it alone (it used to
+    stop with "has no MX block size") and rotates the quantized ones."""
+    from ptq.recipe import load_recipe
+    from transformers import AutoTokenizer
+
+    head, body = RTN.split('by = "role"', 1)
+    text = head + 'by = "role"\n[\'layers\\.0\\.o\']\nbypass = true\n' + body + f"""
+[rotation_search]
+calib_nsamples = 4
+calib_seqlen = 64
+dataset = "tinystories"
+candidates = ["o"]
+kind = "block"
+cache_path = "{(tmp_path / 'd.json').as_posix()}"
+"""
+    tok = AutoTokenizer.from_pretrained(stories260k_path)
+    model, info, _ = _run(_fresh(stories260k_path), tok, load_recipe(text))
+    o = [layer.self_attn.o_proj for layer in model.model.layers]
+    assert info["candidates"] == ["o"] and o[0].cfg.data_in is None and o[0].rotation is None
+    # installing the candidate (whether or not this search kept it) touches exactly the quantized o_projs
+    from ptq.config import RotationSearchConfig
+    from ptq.passes.rotation_search import RotationBank, quantized_sites, rotation_sites
+
+    cfg = RotationSearchConfig(kind="block")
+    bank = RotationBank(quantized_sites(rotation_sites(model), cfg.mode), cfg)
+    bank.prepare(["o"])
+    bank.apply(["o"])
+    assert o[0].rotation is None and all(m.rotation is not None for m in o[1:])
+
+
 def test_av_matmul_and_idle_candidates_are_refused(stories260k, tmp_path):
     model, tok = stories260k
     with pytest.raises(RecipeError, match="av_matmul"):

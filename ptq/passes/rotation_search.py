@@ -17,7 +17,8 @@ Types and what rotating them means (``HadamardRotation`` of ``ptq.modules.rotati
 linears; the attention rotations are always matched pairs (Q with K; V with the de-rotated output).
 
 Candidates (default): every type that the recipe quantizes somewhere (a linear with a quantized input or, in
-"matched" mode, a quantized weight; an attention with ``kv_cache`` / ``qk_matmul`` quantization).
+"matched" mode, a quantized weight; an attention with ``kv_cache`` / ``qk_matmul`` quantization). A rotation is
+installed only where its type is quantized: a module the recipe bypasses keeps its input as it is.
 
 Loss: mean next-token cross-entropy of the quantized model (RTN weights; GPTQ runs afterwards on the rotated
 weights) over the calibration windows (``calib_nsamples`` x ``calib_seqlen`` from ``dataset``). CE needs no second
@@ -102,6 +103,12 @@ def _quantized(t: str, mod: nn.Module, mode: str) -> bool:
     if t == "qk_matmul":
         return cfg.qk_matmul is not None
     return False
+
+
+def quantized_sites(sites: dict, mode: str) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Only the sites whose matmul the recipe quantizes: a rotation cannot help one left in full precision, and a
+    bypassed module has no MX block for a block rotation to default to (nor need its width fit the rotation)."""
+    return {t: [(n, m) for n, m in s if _quantized(t, m, mode)] for t, s in sites.items()}
 
 
 def candidate_types(sites: dict, cfg: RotationSearchConfig) -> list[str]:
@@ -309,7 +316,7 @@ class RotationSearchPass:
     def run(self, model: nn.Module, recipe, ctx: PassContext) -> dict:
         cfg: RotationSearchConfig = recipe.rotation_search
         t0 = time.perf_counter()
-        sites = rotation_sites(model)
+        sites = quantized_sites(rotation_sites(model), cfg.mode)
         types = candidate_types(sites, cfg)
         if not types:
             raise ModelError(
