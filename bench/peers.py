@@ -1,12 +1,16 @@
 """ptq against its peers: llm-compressor and AMD Quark on the same model, calibration tokens and evaluation windows.
 
     PYTHONPATH=. python bench/peers.py --cpu-smoke                      # stories260k on this CPU (a few minutes)
+    PYTHONPATH=. python bench/peers.py --quick --llmcompressor-python V/bin/python --quark-python Q/bin/python
+                                                                        # SmolLM2-135M, CPU, quick budget (~1 h)
     PYTHONPATH=. python bench/peers.py --model DIR --device cuda --dtype bfloat16 \\
         [--llmcompressor-python /path/venv/bin/python] [--quark-python ...] [--out bench-peers]
 
 Rows, for each format (NVFP4 W4A4 and MXFP4 W4A4, weights and linear-layer inputs):
 
-- ptq: the shipped format recipe (recipes/nvfp4.toml, recipes/mxfp4.toml) with [gptq] added.
+- ptq: the shipped format recipe (recipes/nvfp4.toml, recipes/mxfp4.toml) with [gptq] added, alone and after the
+  online Hadamard search ([rotation_search], block-diagonal with the format's block, on the first 32 calibration
+  windows).
 - llm-compressor: GPTQModifier with the preset scheme (NVFP4 / MXFP4), alone, after QuIPModifier (Hadamard
   incoherence) and after SpinQuantModifier (R1 + R2 Hadamards).
 - AMD Quark: LLMTemplate scheme (nvfp4 / mxfp4) with algorithm gptq, and rotation + gptq.
@@ -41,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("nvfp4", "mxfp4")
-VARIANTS = {"ptq": ("gptq",), "llmcompressor": ("gptq", "quip+gptq", "spinquant+gptq"),
+VARIANTS = {"ptq": ("gptq", "rotation+gptq"), "llmcompressor": ("gptq", "quip+gptq", "spinquant+gptq"),
             "quark": ("gptq", "rotation+gptq")}
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 BLOCK = {"nvfp4": 16, "mxfp4": 32}
@@ -129,14 +133,25 @@ def run_ptq(model, data, fmt, variant, args):
     from ptq.passes.pipeline import quantize_module_transform_pass
     from ptq.recipe import load_recipe, recipe_to_dict
 
+    from ptq.architectures import architecture
+
     shipped = recipe_to_dict(load_recipe(ROOT / "recipes" / f"{fmt}.toml"))
     recipe: dict = {"by": shipped.pop("by")}
-    if data["ignore"][fmt]:  # first match wins: the exceptions go first
-        recipe["|".join(re.escape(n) for n in data["ignore"][fmt])] = {"bypass": True}
+    assert recipe["by"] == "role", "the shipped format recipes select by role path"
+    arch = architecture(model)
+    ignored = [f"layers.{arch.layer_of(n)}.{arch.role_of(n)}" for n in data["ignore"][fmt]]
+    if ignored:  # first match wins: the exceptions go first (role paths: the recipes select by role)
+        recipe["|".join(re.escape(n) for n in ignored)] = {"bypass": True}
     for key, table in shipped.items():
         recipe[key] = {**table, "gptq": True}
     recipe["gptq"] = {"dataset": [data["calib_text"]], "nsamples": data["calib"].shape[0],
-                      "seqlen": data["calib"].shape[1], "cali_batch_size": args.batch}
+                      "seqlen": data["calib"].shape[1], "cali_batch_size": args.batch,
+                      # the settings of ptq's shipped GPTQ recipes (llm-compressor's GPTQ orders columns too)
+                      "act_order": True, "quantile_search": True, "clip_search_y": True}
+    if variant.startswith("rotation"):
+        recipe["rotation_search"] = {"dataset": [data["calib_text"]], "calib_nsamples": min(32, data["calib"].shape[0]),
+                                     "calib_seqlen": data["calib"].shape[1], "kind": "block",
+                                     "block_size": BLOCK[fmt]}
     tok = AutoTokenizer.from_pretrained(args.model)
     quantize_module_transform_pass(model, load_recipe(recipe), tokenizer=tok, device=args.device, progress=False)
     return lambda m: m.effective_weight() if hasattr(m, "effective_weight") else None
@@ -195,8 +210,8 @@ def _quark_weight(mod):
         return q(mod.weight) if q is not None else mod.weight
 
 
-RUNNERS = {"ptq": run_ptq, "llmcompressor": run_llmcompressor, "quark": run_quark}
-IMPORTS = {"ptq": "ptq", "llmcompressor": "llmcompressor", "quark": "quark.torch"}
+RUNNERS = {"unquantized": None, "ptq": run_ptq, "llmcompressor": run_llmcompressor, "quark": run_quark}
+IMPORTS = {"unquantized": "torch", "ptq": "ptq", "llmcompressor": "llmcompressor", "quark": "quark.torch"}
 
 
 def worker(args) -> dict:
@@ -211,6 +226,8 @@ def worker(args) -> dict:
         return {**out, "status": f"skipped: cannot import {IMPORTS[args.worker]} ({type(e).__name__}: {e})"}
     data = torch.load(args.data, weights_only=False)
     model = _load(args.model, args.dtype, args.device)
+    if args.worker == "unquantized":
+        return {**out, "status": "ok", "ppl": perplexity(model, data["eval"], args.batch, args.device)}
     t0 = time.perf_counter()
     try:
         weight_of = RUNNERS[args.worker](model, data, args.format, args.variant, args)
@@ -257,34 +274,39 @@ def prepare_data(args, out: Path) -> Path:
     return path
 
 
+def _run_worker(args, out: Path, data: Path, python: str, tool: str, fmt: str, variant: str) -> dict:
+    """One (tool, format, variant) in its own process; a crash becomes a row that says how."""
+    res = out / f"{tool}-{fmt}-{variant.replace('+', '_')}.json"
+    cmd = [python, str(Path(__file__).resolve()), "--worker", tool, "--format", fmt, "--variant", variant,
+           "--data", str(data), "--model", args.model, "--dtype", args.dtype, "--device", args.device,
+           "--batch", str(args.batch), "--result", str(res)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    print(f"[peers] {tool} {fmt} {variant} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode == 0 and res.is_file():
+        row = json.loads(res.read_text())
+    else:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+        row = {"tool": tool, "format": fmt, "variant": variant,
+               "status": f"failed: worker exited {p.returncode}: {tail[0][:300]}"}
+    row["wall_seconds"] = time.perf_counter() - t0
+    print(f"[peers]   {row['status']}" + (f", ppl {row['ppl']:.3f}" if row.get("ppl") else ""), file=sys.stderr,
+          flush=True)
+    return row
+
+
 def run_all(args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args, out)
     pythons = {"ptq": sys.executable, "llmcompressor": args.llmcompressor_python or sys.executable,
                "quark": args.quark_python or sys.executable}
-    rows = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    rows = [_run_worker(args, out, data, sys.executable, "unquantized", FORMATS[0], "-")]
     for fmt in args.formats:
         for tool in args.tools:
             for variant in VARIANTS[tool]:
-                res = out / f"{tool}-{fmt}-{variant.replace('+', '_')}.json"
-                cmd = [pythons[tool], str(Path(__file__).resolve()), "--worker", tool, "--format", fmt, "--variant",
-                       variant, "--data", str(data), "--model", args.model, "--dtype", args.dtype, "--device",
-                       args.device, "--batch", str(args.batch), "--result", str(res)]
-                print(f"[peers] {tool} {fmt} {variant} ...", file=sys.stderr, flush=True)
-                t0 = time.perf_counter()
-                p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if p.returncode == 0 and res.is_file():
-                    row = json.loads(res.read_text())
-                else:
-                    tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
-                    row = {"tool": tool, "format": fmt, "variant": variant,
-                           "status": f"failed: worker exited {p.returncode}: {tail[0][:300]}"}
-                row["wall_seconds"] = time.perf_counter() - t0
-                rows.append(row)
-                print(f"[peers]   {row['status']}" + (f", ppl {row['ppl']:.3f}" if row.get("ppl") else ""),
-                      file=sys.stderr, flush=True)
+                rows.append(_run_worker(args, out, data, pythons[tool], tool, fmt, variant))
     return rows
 
 
@@ -297,6 +319,10 @@ def render(rows: list[dict], args) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = r.get("status") == "ok"
+        if r["tool"] == "unquantized":
+            lines.append(f"| - | unquantized | - | {r['ppl']:.3f} | - | - | - | {r['status']} |" if ok else
+                         f"| - | unquantized | - | - | - | - | - | {r['status']} |")
+            continue
         grid = f"{100 * r['grid']:.2f}%" if ok and r.get("grid") is not None else "-"
         if ok and r.get("grid") is not None and r["grid"] < 0.999:
             grid += " (NOT on grid)"
@@ -317,6 +343,8 @@ def render(rows: list[dict], args) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="stories260k, tiny calibration, CPU, fp32")
+    ap.add_argument("--quick", action="store_true",
+                    help="the built-in SmolLM2-135M on the CPU in fp32: 32 x 512 calibration, 32 evaluation windows")
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="bench-peers")
     ap.add_argument("--device", default="cpu")
@@ -341,6 +369,8 @@ def main(argv=None):
     ap.add_argument("--result")
     args = ap.parse_args(argv)
     if args.worker:
+        here = Path(__file__).resolve().parent  # bench/kernels.py would shadow the `kernels` package peers import
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
         from ptq.io import atomic_write_json
 
         atomic_write_json(args.result, worker(args))
@@ -351,6 +381,12 @@ def main(argv=None):
             args.model = "/work/shared/models/stories260k"
         args.calib_source = args.eval_source = "tinystories"
         args.nsamples, args.seqlen, args.eval_windows, args.batch, args.bos_windows = 8, 128, 8, 4, True
+        args.device, args.dtype = "cpu", "float32"
+    if args.quick:
+        from ptq.models import default_model_dir
+
+        args.model = args.model or str(default_model_dir())
+        args.nsamples, args.seqlen, args.eval_windows = 32, 512, args.eval_windows or 32
         args.device, args.dtype = "cpu", "float32"
     if args.model is None:
         ap.error("--model is required (or --cpu-smoke)")
