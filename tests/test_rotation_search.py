@@ -146,6 +146,33 @@ cache_path = "{(tmp_path / 'd.json').as_posix()}"
     bank.prepare(["o"])
     bank.apply(["o"])
     assert o[0].rotation is None and all(m.rotation is not None for m in o[1:])
+    # a rotation an earlier run left on the module the recipe now bypasses is cleared by the next run
+    from ptq.modules.rotation import HadamardRotation
+
+    o[0].set_rotation(HadamardRotation(o[0].in_features, "block", 32))
+    _run(model, tok, load_recipe(text))
+    assert o[0].rotation is None
+
+
+def test_a_q_k_rotation_reaches_attentions_that_quantize_only_q_k_t(stories260k_path):
+    """qk_matmul quantized with the KV cache left alone: choosing qk_matmul rotates Q and K of those attentions
+    (and not V: that is kv_cache's rotation)."""
+    from ptq.config import AttentionQuantConfig, RotationSearchConfig
+    from ptq.formats import QuantSpec
+    from ptq.passes.rotation_search import RotationBank, candidate_types, quantized_sites, rotation_sites
+    from ptq.passes.swap import swap_modules
+
+    model = _fresh(stories260k_path)
+    qk = AttentionQuantConfig(qk_matmul=QuantSpec.mxint(4, block_size=8))
+    swap_modules(model, {f"model.layers.{i}.self_attn": qk for i in range(len(model.model.layers))})
+    cfg = RotationSearchConfig(kind="block", block_size=8)
+    sites = quantized_sites(rotation_sites(model), cfg.mode)
+    assert candidate_types(sites, cfg) == ["qk_matmul"]
+    bank = RotationBank(sites, cfg)
+    bank.prepare(["qk_matmul"])
+    bank.apply(["qk_matmul"])
+    attentions = [layer.self_attn for layer in model.model.layers]
+    assert all(a.qk_rotation is not None and a.v_rotation is None for a in attentions)
 
 
 def test_av_matmul_and_idle_candidates_are_refused(stories260k, tmp_path):

@@ -563,7 +563,7 @@ def load_checkpoint(path: Path, fingerprint: dict, resume: bool) -> dict | None:
                               "delete it or set another [rotation_learn].checkpoint_path")
     diff = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
     if diff:
-        raise CheckpointError(f"rotation_learn: the checkpoint {path} was made for a different "
+        raise CheckpointError(f"rotation_learn: the checkpoint {path} was made for another version of "
                               f"{' and '.join(_WHAT[k] for k in diff)}; delete it to train again, or point "
                               "[rotation_learn].checkpoint_path at a new file")
     return state

@@ -220,11 +220,15 @@ class RotationBank:
                 rot = self._for_site(t, name, mod, chosen[t]) if t in chosen else None
                 if rot is not mod.rotation or (rot is not None and mod.rotation_mode != self.cfg.mode):
                     mod.set_rotation(rot, self.cfg.mode)
-        # K and V share one head_dim rotation: kv_cache's variant wins over qk_matmul's when both are chosen
-        attn_variant = chosen.get("kv_cache") or chosen.get("qk_matmul")
-        for name, mod in self.sites["kv_cache"]:
-            rot = self._for_site("kv_cache", name, mod, attn_variant) if attn_variant else None
-            mod.set_rotations(qk=rot, v=rot if "kv_cache" in chosen else None)
+        # K and V share one head_dim rotation: kv_cache's variant wins over qk_matmul's where both apply
+        kv_sites = {id(m) for _, m in self.sites["kv_cache"]} if "kv_cache" in chosen else set()
+        qk_sites = {id(m) for _, m in self.sites["qk_matmul"]} if "qk_matmul" in chosen else set()
+        attentions = {id(m): (n, m) for t in ATTENTION_TYPES for n, m in self.sites.get(t, [])}
+        for name, mod in attentions.values():
+            kv, qk = id(mod) in kv_sites, id(mod) in qk_sites
+            variant = chosen["kv_cache"] if kv else chosen["qk_matmul"] if qk else None
+            rot = self._for_site("kv_cache", name, mod, variant) if variant else None
+            mod.set_rotations(qk=rot, v=rot if kv else None)
 
 
 @torch.no_grad()
@@ -290,7 +294,7 @@ class _Cache:
         diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if diff:
             raise CheckpointError(
-                f"rotation_search: the cache {self.path} was made for a different "
+                f"rotation_search: the cache {self.path} was made for another version of "
                 f"{' and '.join(_WHAT[k] for k in diff)}; delete it to search again, or point "
                 "[rotation_search].cache_path at a new file")
         self.state = state
@@ -316,7 +320,8 @@ class RotationSearchPass:
     def run(self, model: nn.Module, recipe, ctx: PassContext) -> dict:
         cfg: RotationSearchConfig = recipe.rotation_search
         t0 = time.perf_counter()
-        sites = quantized_sites(rotation_sites(model), cfg.mode)
+        every_site = rotation_sites(model)
+        sites = quantized_sites(every_site, cfg.mode)
         types = candidate_types(sites, cfg)
         if not types:
             raise ModelError(
@@ -325,7 +330,8 @@ class RotationSearchPass:
                 "Check the recipe's selectors with `ptq validate --model`, or remove [rotation_search]")
         bank = RotationBank(sites, cfg)
         skipped = bank.prepare(types)
-        bank.apply({})  # start from no rotation (also clears rotations of an earlier run on this model)
+        # start from no rotation, also where an earlier run on this model rotated a module the recipe now bypasses
+        RotationBank(every_site, cfg).apply({})
         windows, calib = self._calibration(model, cfg, ctx)
         cache = _Cache(cfg.cache_path, _fingerprint(model, cfg, windows, calib), ctx.resume)
         state = cache.state
