@@ -4,7 +4,7 @@
 #   VARIANTS (default: search identity): search = w4a4kv4_gptq_rot.toml (the baseline, same run);
 #   identity = the shipped w4a4kv4_gptq_learn.toml (R1/R2 from the identity on top of the search);
 #   noweights = identity with the weights unquantized while learning (SpinQuant's setting, GPTQ after);
-#   full = R1 from a whole-dimension randomised Hadamard (no block structure for the search's rotations to undo);
+#   full = R1 only, from a whole-dimension randomised Hadamard (576 = SmolLM2's hidden size), weights unquantized;
 #   ce = identity with the cross-entropy loss instead of KL; steps0 = identity without training (the start).
 set -uo pipefail
 OUT="${OUT:-gpu-out}"; mkdir -p "$OUT"; export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1

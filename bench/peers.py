@@ -9,8 +9,8 @@
 Rows, for each format (NVFP4 W4A4 and MXFP4 W4A4, weights and linear-layer inputs):
 
 - ptq: the shipped format recipe (recipes/nvfp4.toml, recipes/mxfp4.toml) with [gptq] added, alone and after the
-  online Hadamard search ([rotation_search], block-diagonal with the format's block, on the first 32 calibration
-  windows).
+  online Hadamard search ([rotation_search], block-diagonal with the format's block, on up to 32 windows of the
+  same calibration text).
 - llm-compressor: GPTQModifier with the preset scheme (NVFP4 / MXFP4), alone, after QuIPModifier (Hadamard
   incoherence) and after SpinQuantModifier (R1 + R2 Hadamards).
 - AMD Quark: LLMTemplate scheme (nvfp4 / mxfp4) with algorithm gptq, and rotation + gptq.
@@ -130,10 +130,9 @@ def run_ptq(model, data, fmt, variant, args):
 
     from transformers import AutoTokenizer
 
+    from ptq.architectures import architecture
     from ptq.passes.pipeline import quantize_module_transform_pass
     from ptq.recipe import load_recipe, recipe_to_dict
-
-    from ptq.architectures import architecture
 
     shipped = recipe_to_dict(load_recipe(ROOT / "recipes" / f"{fmt}.toml"))
     recipe: dict = {"by": shipped.pop("by")}

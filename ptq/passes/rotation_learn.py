@@ -432,10 +432,9 @@ def refuse_cancelling_starts(model: nn.Module, layout: ResidualLayout, cfg: Rota
                           getattr(mod, "rotation", None))
         if "r2" in cfg.rotations:
             o = layer.linears.get("o_proj")
-            heads = o.in_features // layer.head_dim if o is not None else 0
-            if o is not None:
+            if o is not None:  # o_proj's input is every head's values side by side: the start per head, repeated
                 check("r2_block_size", layer.head_dim, cfg.r2_block_size, f"layer {layer.index} o_proj",
-                      getattr(o, "rotation", None), expand=heads)
+                      getattr(o, "rotation", None), expand=o.in_features // layer.head_dim)
             attention = parents.get(id(layer.linears.get("v_proj")))
             check("r2_block_size", layer.head_dim, cfg.r2_block_size, f"layer {layer.index} attention (K / V)",
                   getattr(attention, "v_rotation", None))
