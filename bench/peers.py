@@ -9,8 +9,9 @@
 Rows, for each format (NVFP4 W4A4 and MXFP4 W4A4, weights and linear-layer inputs):
 
 - ptq: the shipped format recipe (recipes/nvfp4.toml, recipes/mxfp4.toml) with [gptq] added, alone and after the
-  online Hadamard search ([rotation_search], block-diagonal with the format's block, on up to 32 windows of the
-  same calibration text).
+  online Hadamard search ([rotation_search], block-diagonal with the format's block, scoring each candidate on the
+  first ``--search-windows`` (default 8) of the same calibration windows: every candidate costs a forward over
+  them, and 32 x 512 tokens per candidate took over an hour on 2 CPU cores).
 - llm-compressor: GPTQModifier with the preset scheme (NVFP4 / MXFP4), alone, after QuIPModifier (Hadamard
   incoherence) and after SpinQuantModifier (R1 + R2 Hadamards).
 - AMD Quark: LLMTemplate scheme (nvfp4 / mxfp4) with algorithm gptq, and rotation + gptq.
@@ -148,7 +149,8 @@ def run_ptq(model, data, fmt, variant, args):
                       # the settings of ptq's shipped GPTQ recipes (llm-compressor's GPTQ orders columns too)
                       "act_order": True, "quantile_search": True, "clip_search_y": True}
     if variant.startswith("rotation"):
-        recipe["rotation_search"] = {"dataset": [data["calib_text"]], "calib_nsamples": min(32, data["calib"].shape[0]),
+        recipe["rotation_search"] = {"dataset": [data["calib_text"]],
+                                     "calib_nsamples": min(args.search_windows, data["calib"].shape[0]),
                                      "calib_seqlen": data["calib"].shape[1], "kind": "block",
                                      "block_size": BLOCK[fmt]}
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -274,25 +276,42 @@ def prepare_data(args, out: Path) -> Path:
 
 
 def _run_worker(args, out: Path, data: Path, python: str, tool: str, fmt: str, variant: str) -> dict:
-    """One (tool, format, variant) in its own process; a crash becomes a row that says how."""
+    """One (tool, format, variant) in its own process; a crash becomes a row that says how. With ``--reuse``, a
+    finished row of an earlier run with the same data and settings (its ``key``) is kept instead of rerun."""
     res = out / f"{tool}-{fmt}-{variant.replace('+', '_')}.json"
     cmd = [python, str(Path(__file__).resolve()), "--worker", tool, "--format", fmt, "--variant", variant,
            "--data", str(data), "--model", args.model, "--dtype", args.dtype, "--device", args.device,
-           "--batch", str(args.batch), "--result", str(res)]
+           "--batch", str(args.batch), "--search-windows", str(args.search_windows), "--result", str(res)]
+    key = {"data": _digest(data), "model": str(Path(args.model).resolve()), "dtype": args.dtype, "device": args.device,
+           "batch": args.batch, "search_windows": args.search_windows if tool == "ptq" else None}
+    if args.reuse and res.is_file():
+        old = json.loads(res.read_text())
+        if old.get("status") == "ok" and old.get("key") == key:
+            print(f"[peers] {tool} {fmt} {variant}: kept from {res}, ppl {old['ppl']:.3f}", file=sys.stderr, flush=True)
+            return old
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     print(f"[peers] {tool} {fmt} {variant} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode == 0 and res.is_file():
-        row = json.loads(res.read_text())
+        row = {**json.loads(res.read_text()), "key": key}
     else:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
         row = {"tool": tool, "format": fmt, "variant": variant,
                "status": f"failed: worker exited {p.returncode}: {tail[0][:300]}"}
     row["wall_seconds"] = time.perf_counter() - t0
+    from ptq.io import atomic_write_json
+
+    atomic_write_json(res, row)  # with its key, so that --reuse can keep it
     print(f"[peers]   {row['status']}" + (f", ppl {row['ppl']:.3f}" if row.get("ppl") else ""), file=sys.stderr,
           flush=True)
     return row
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def run_all(args) -> list[dict]:
@@ -313,7 +332,8 @@ def render(rows: list[dict], args) -> str:
     lines = [f"# ptq vs peers: {Path(args.model).name}", "",
              f"Calibration: {args.nsamples} x {args.seqlen} tokens of `{args.calib_source}` (the same ids for every "
              f"tool); evaluation: {args.eval_windows or 'all'} windows of {args.seqlen} tokens of `{args.eval_source}`"
-             f" (test); device `{args.device}`, {args.dtype}.", "",
+             f" (test); device `{args.device}`, {args.dtype}; ptq's rotation search scores candidates on the first "
+             f"{args.search_windows} calibration windows.", "",
              "| format | tool | method | perplexity | quantize s | weights on grid | activations quantized | status |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -358,6 +378,10 @@ def main(argv=None):
     ap.add_argument("--bos-windows", action="store_true")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--data-dir", default=os.environ.get("PTQ_DATA_DIR"))
+    ap.add_argument("--search-windows", type=int, default=8,
+                    help="calibration windows ptq's rotation search scores each candidate on (the first N)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the rows an earlier run in --out finished with the same data and settings")
     ap.add_argument("--llmcompressor-python", default=None, help="a Python with llmcompressor installed")
     ap.add_argument("--quark-python", default=None, help="a Python with amd-quark installed")
     # worker mode (internal)

@@ -42,3 +42,33 @@ def test_activation_check_tells_a_quantized_input_from_a_plain_product(peers):
     weight_only = LinearMX.from_linear(lin, LinearQuantConfig(weight=SPECS["mxfp4"]))
     assert peers.activation_quantized(both, w_eff)
     assert not peers.activation_quantized(weight_only, w_eff)
+
+
+def test_reuse_keeps_a_finished_row_only_for_the_same_data_and_settings(peers, tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    calls = []
+
+    def fake_run(cmd, **kw):  # a worker that writes a row, as the real one does
+        calls.append(cmd)
+        res = Path(cmd[cmd.index("--result") + 1])
+        res.write_text(json.dumps({"tool": "ptq", "format": "mxfp4", "variant": "gptq", "status": "ok",
+                                   "ppl": 7.0 + len(calls)}))
+        return argparse.Namespace(returncode=0, stderr="", stdout="")
+
+    monkeypatch.setattr(peers.subprocess, "run", fake_run)
+    data = tmp_path / "data.pt"
+    data.write_bytes(b"windows")
+    args = argparse.Namespace(model=str(tmp_path), dtype="float32", device="cpu", batch=8, search_windows=8,
+                              reuse=True)
+    first = peers._run_worker(args, tmp_path, data, "python", "ptq", "mxfp4", "gptq")
+    assert peers._run_worker(args, tmp_path, data, "python", "ptq", "mxfp4", "gptq")["ppl"] == first["ppl"]
+    assert len(calls) == 1
+    args.search_windows = 4  # another setting: rerun
+    assert peers._run_worker(args, tmp_path, data, "python", "ptq", "mxfp4", "gptq")["ppl"] != first["ppl"]
+    data.write_bytes(b"other windows")  # other data: rerun
+    peers._run_worker(args, tmp_path, data, "python", "ptq", "mxfp4", "gptq")
+    args.reuse = False  # without --reuse: always rerun
+    peers._run_worker(args, tmp_path, data, "python", "ptq", "mxfp4", "gptq")
+    assert len(calls) == 4

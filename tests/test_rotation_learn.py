@@ -98,7 +98,8 @@ def test_shipped_recipe_validates():
     from ptq.recipe import load_recipe
 
     r = load_recipe(ROOT / "recipes" / "w4a4kv4_gptq_learn.toml")
-    assert r.rotation_learn is not None and r.gptq is not None and r.rotation_learn.untie_embeddings
+    assert r.rotation_learn is not None and r.gptq is not None and r.rotation_search is not None
+    assert r.rotation_learn.rotations == ["r2"] and r.rotation_learn.r2_block_size == 1
 
 
 # ---- exactness of the rotations (no quantization) ---------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_redirected_recipe_paths_and_labels(tmp_path):
     sampled = _redirect_outputs(rot, "rot", tmp_path, "abc", ["some text"])
     assert sampled.gptq.dataset == ["some text"] and sampled.rotation_search.dataset == ["some text"]
     assert [method_label(load_recipe(p)) for p in default_recipe_paths()] == ["RTN", "GPTQ", "rotation + GPTQ"]
-    assert method_label(load_recipe(resolve_recipe_path("w4a4kv4_gptq_learn"))) == "rotation + learned R1/R2 + GPTQ"
+    assert method_label(load_recipe(resolve_recipe_path("w4a4kv4_gptq_learn"))) == "rotation + learned R2 + GPTQ"
 
 
 def test_describe_reuse():
