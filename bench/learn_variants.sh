@@ -9,6 +9,7 @@
 #   r1r2-steps0 / r1r2-nw / r1r2-ce        r1r2 untrained (the start) / weights unquantized / cross-entropy loss
 #   full0 / full0-r1   R1 (+ R2) from whole-dimension randomised Hadamards (576 = SmolLM2's hidden size), untrained
 #   no-act / no-kv / no-weight   the search row without input / KV-cache / weight quantization (where the error is)
+#   search-aNN / learn-aNN   the search / learn row with asymmetric GPTQ ([gptq].asymmetric = 0.NN; a100 = 1.0)
 set -uo pipefail
 OUT="${OUT:-gpu-out}"; mkdir -p "$OUT"; export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 rec="$(mktemp -d)"; learn="$PWD/recipes/w4a4kv4_gptq_learn.toml"; recipes=()
@@ -32,6 +33,9 @@ for v in ${*:-search learn}; do
   case $v in
     search) recipes+=(w4a4kv4_gptq_rot) ;;
     learn) recipes+=("$learn") ;;
+    search-a*|learn-a*) base="$PWD/recipes/w4a4kv4_gptq_rot.toml"; [[ $v == learn-* ]] && base="$learn"
+       printf 'extends = "%s"\n[gptq]\nasymmetric = %s\n' "$base" "$(awk -v n="${v##*-a}" 'BEGIN{print n/100}')" \
+         > "$rec/$v.toml"; recipes+=("$rec/$v.toml") ;;
     no-act|no-kv|no-weight) python - "$v" "$rec/learn_$v.toml" <<'PY' && recipes+=("$rec/learn_$v.toml") ;;
 import sys, tomli_w
 from ptq.recipe import load_recipe, recipe_to_dict

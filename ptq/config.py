@@ -84,6 +84,9 @@ class GPTQConfig(_Strict):
     act_order: bool = False
     quantile_search: bool = False
     clip_search_y: bool = False
+    # how far GPTQ's target moves from W X_q toward the unquantized model's W X (GPTAQ-style asymmetric calibration,
+    # see ptq.gptq.asymmetric): 0 = plain GPTQ, 1 = the least-squares fit to W X
+    asymmetric: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 0
     checkpoint_dir: str | None = None
     weight_config: GPTQWeightConfig | None = None

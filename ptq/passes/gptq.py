@@ -40,6 +40,12 @@ in_features) use the Hessian pooled over all experts of that projection in the l
 experts module, the routed token counts and which experts used the pooled Hessian. Their checkpoint entries are
 ``<module>.gate_up_proj`` / ``<module>.down_proj`` with all experts stacked [E, out, in].
 
+Asymmetric calibration (``[gptq].asymmetric``, see ``ptq.gptq.asymmetric``): a second stream of hidden states runs
+through an unquantized copy of each decoder layer (every quantizer bypassed, GPTQ weights dropped, rotations kept),
+from the same captured layer-0 inputs. Each group then also accumulates C = 2/N sum x_q x^T (x: the unquantized
+stream's input of the same linear, in the same basis), and GPTQ quantizes W* = W C^T H^-1 instead of W, so the
+quantized layer is fitted to the unquantized model's output. A resume replays both streams.
+
 Clip search: ``[gptq].clip_search_y`` -> objective "output" (least output error, using H); else
 ``quantile_search`` -> "weight"; with both, "output" wins: it is the error GPTQ itself minimises.
 
@@ -49,8 +55,10 @@ Test hook: ``PTQ_TEST_KILL_AT=mid_layer:<k>`` SIGKILLs the process after the fir
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -62,6 +70,7 @@ import torch.nn as nn
 from ptq import distributed
 from ptq.errors import CheckpointError, ModelError, PtqError
 from ptq.gptq import HessianError, gptq_quantize
+from ptq.gptq.asymmetric import asymmetric_target, cross_gram
 from ptq.gptq.core import gram
 from ptq.gptq.experts import ExpertsProjection, experts_targets, gptq_experts
 from ptq.passes.base import PassContext, register_pass
@@ -393,7 +402,11 @@ class GPTQPass:
             raise PtqError(f"GPTQ has {n_batches} calibration batches (nsamples {tokens.shape[0]} / cali_batch_size "
                            f"{bs}) for {world} ranks; every rank needs one: raise [gptq].nsamples or lower "
                            "cali_batch_size or the number of ranks")
-        if world > 1 and any(isinstance(t, ExpertsProjection) for ts in targets.values() for _, t in ts):
+        has_experts = any(isinstance(t, ExpertsProjection) for ts in targets.values() for _, t in ts)
+        if cfg.asymmetric > 0 and has_experts:
+            raise PtqError("[gptq].asymmetric does not cover fused MoE experts (their per-expert Hessians have no "
+                           "cross term yet): set asymmetric = 0, or gptq = false for the experts")
+        if world > 1 and has_experts:
             raise PtqError("data-parallel GPTQ of fused MoE experts is not implemented (their per-expert Hessians are "
                            "not all-reduced): run this recipe in one process, or set gptq = false for the experts")
         mine = distributed.my_share(n_batches)
@@ -402,7 +415,8 @@ class GPTQPass:
         start = store.finished if store is not None else 0
         info: dict[str, Any] = {"layers": len(layers), "modules": n_targets, "loaded": [], "computed": [],
                                 "checkpoint_dir": cfg.checkpoint_dir, "resumed_at": start,
-                                "clip_search": clip_objective(cfg), "proxy_loss": {}, "world_size": world,
+                                "clip_search": clip_objective(cfg), "asymmetric": cfg.asymmetric,
+                                "proxy_loss": {}, "world_size": world,
                                 "layer_by_layer": lazy,
                                 "tokens_per_rank": distributed.all_gather_object(int(my_tokens.numel()),
                                                                                  "sharing the calibration counts")}
@@ -461,6 +475,8 @@ class GPTQPass:
             return
         with self._timed("capture"):
             inputs = self._capture(model, layers, tokens, cfg.cali_batch_size, device)
+        # the unquantized model's hidden states (asymmetric calibration); layer 0's inputs are the same
+        reference = inputs if cfg.asymmetric > 0 else None
         # replay: regenerate the first unfinished layer's inputs from the stored weights, never from stored activations
         for i in tqdm(range(start), desc=f"GPTQ: replaying {start} checkpointed layers", unit="layer",
                       disable=not show or not start):
@@ -468,6 +484,8 @@ class GPTQPass:
                 if lazy:
                     self._apply_saved(store, i, targets[i], cfg)
                     info["loaded"].append(i)
+                if reference is not None:
+                    reference = self._run_layer(unquantized_copy(layers[i]), reference, device)
                 inputs = self._run_layer(layers[i], inputs, device)
         bar = tqdm(total=len(layers), initial=start, disable=not show, unit="layer",
                    desc="GPTQ" + (f" (resumed at layer {start})" if start else ""))
@@ -476,10 +494,14 @@ class GPTQPass:
             for i in range(start, len(layers)):
                 layer = layers[i]
                 with self._resident(layer, i):
-                    results = self._quantize_layer(i, layer, targets[i], inputs, cfg, device)
+                    plain = unquantized_copy(layer) if reference is not None else None
+                    results = self._quantize_layer(i, layer, targets[i], inputs, cfg, device, plain, reference)
                     if i + 1 < len(layers):
                         with self._timed("layer_outputs"):
                             inputs = self._run_layer(layer, inputs, device)
+                            if plain is not None:
+                                reference = self._run_layer(plain, reference, device)
+                    del plain
                     for name, (m, loss) in results.items():
                         info["proxy_loss"][f"{path}.{i}.{name}"] = loss
                     if writer is not None:
@@ -722,17 +744,21 @@ class GPTQPass:
         self._experts_report[f"{index}.{name}"] = report.as_dict()
         return {n: (t, float(sum(report.proxy_loss[t.which]))) for n, t in group}
 
-    def _hessians(self, layer, group, inputs: LayerInputs, device) -> dict[tuple, torch.Tensor]:
-        """H = 2/N sum x x^T of each distinct prepared input of the group, over every calibration token of every rank.
+    def _hessians(self, layer, group, inputs: LayerInputs, device, plain=None, reference=None
+                  ) -> tuple[dict[tuple, torch.Tensor], dict[tuple, torch.Tensor]]:
+        """H = 2/N sum x x^T of each distinct prepared input of the group, over every calibration token of every rank,
+        and with ``plain`` (the layer's unquantized copy) and ``reference`` (its inputs from the unquantized stream)
+        the cross term C = 2/N sum x x_ref^T per input as well (else an empty dict).
 
         Each batch's x^T x is an fp32 GEMM (`gram`: bf16 inputs on the tensor cores, exact products); the batches
         are summed in fp64 (exact for the magnitudes that occur), so the result does not depend on how batches are
         split over ranks or in which order they are summed, and the ranks' sums are all-reduced before scaling."""
         sums: dict[tuple, torch.Tensor] = {}
+        cross: dict[tuple, torch.Tensor] = {}
         counts: dict[tuple, int] = {}
         keys = {id(m): self._input_key(m) for _, m in group}
         last = group[-1][1]
-        state: dict[str, set] = {"done": set()}
+        state: dict[str, Any] = {"done": set(), "ref": {}}
 
         def hook(module, args):
             k = keys[id(module)]
@@ -742,29 +768,58 @@ class GPTQPass:
                 if k not in sums:
                     sums[k] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                     counts[k] = 0
+                    if plain is not None:
+                        cross[k] = torch.zeros_like(sums[k])
                 sums[k] += gram(x)
                 counts[k] += x.shape[0]
+                if plain is not None:
+                    cross[k] += cross_gram(x, state["ref"].pop(k))
             if module is last:
                 raise _Stop
 
+        ref_hooks = []
+        if plain is not None:
+            # the copy's module of each group member (same names): record its input, unquantized, in the same basis
+            twins = {id(plain.get_submodule(name)): keys[id(m)] for name, m in group}
+            last_twin = plain.get_submodule(group[-1][0])
+
+            def ref_hook(module, args):
+                k = twins[id(module)]
+                if k not in state["ref"]:
+                    state["ref"][k] = module.prepare_input(args[0]).reshape(-1, args[0].shape[-1])
+                if module is last_twin:
+                    raise _Stop
+
+            ref_hooks = [plain.get_submodule(name).register_forward_pre_hook(ref_hook) for name, _ in group]
         handles = [m.register_forward_pre_hook(hook) for _, m in group]
         try:
+            refs = reference.batches(device) if reference is not None else None
             for h, kw in inputs.batches(device):
                 state["done"] = set()
+                if refs is not None:
+                    state["ref"] = {}
+                    rh, rkw = next(refs)
+                    try:
+                        plain(rh, **rkw)
+                    except _Stop:
+                        pass
                 try:
                     layer(h, **kw)
                 except _Stop:
                     pass
         finally:
-            for hd in handles:
+            for hd in handles + ref_hooks:
                 hd.remove()
-        out = {}
+        out, out_cross = {}, {}
         for k, total in sums.items():  # same insertion order on every rank: the same forward ran
             n = distributed.all_reduce_sum(torch.tensor([counts[k]], dtype=torch.float64, device=total.device),
                                            f"summing calibration token counts (layer {inputs.index})")
             distributed.all_reduce_sum(total, f"summing Hessians (layer {inputs.index})")
             out[k] = (total * (2.0 / float(n[0]))).to(torch.float32)
-        return out
+            if k in cross:
+                distributed.all_reduce_sum(cross[k], f"summing cross terms (layer {inputs.index})")
+                out_cross[k] = (cross[k] * (2.0 / float(n[0]))).to(torch.float32)
+        return out, out_cross
 
     def _solve(self, weight: torch.Tensor, hessian: torch.Tensor, spec, cfg, clip) -> torch.Tensor:
         """GPTQ of ``weight`` (the quantized weight). Rows are independent given H, so under torchrun each rank
@@ -791,7 +846,8 @@ class GPTQPass:
         """Linears with equal keys see the same prepared input (same data_in spec and rotation)."""
         return (m.cfg.data_in, id(getattr(m, "rotation", None)), getattr(m, "rotation_mode", None))
 
-    def _quantize_layer(self, index, layer, targets, inputs, cfg, device) -> dict[str, tuple[nn.Module, float]]:
+    def _quantize_layer(self, index, layer, targets, inputs, cfg, device, plain=None, reference=None
+                        ) -> dict[str, tuple[nn.Module, float]]:
         results: dict[str, tuple[nn.Module, float]] = {}
         if not targets:
             return results
@@ -805,7 +861,7 @@ class GPTQPass:
                     _test_hook("mid_layer", index)
                 continue
             with self._timed("hessians"):
-                hs = self._hessians(layer, group, inputs, device)
+                hs, cross = self._hessians(layer, group, inputs, device, plain, reference)
             # merge linears sharing H and spec into one GPTQ call (rows are independent given H)
             batches: dict[tuple, list[tuple[str, nn.Module]]] = {}
             for name, m in group:
@@ -816,6 +872,11 @@ class GPTQPass:
             for key, mods in batches.items():
                 ws = [m.weight_to_quantize().to(device) for _, m in mods]
                 try:
+                    if cfg.asymmetric > 0:
+                        with self._timed("asymmetric_target"):
+                            ws = list(asymmetric_target(torch.cat(ws, 0), hs[key[0]], cross[key[0]], cfg.percdamp,
+                                                        cfg.asymmetric)
+                                      .split([w.shape[0] for w in ws], 0))
                     with self._timed("solve"):
                         qw = self._solve(torch.cat(ws, 0), hs[key[0]], key[1], cfg, clip)
                 except HessianError as err:
@@ -829,3 +890,22 @@ class GPTQPass:
             if gi == 0:
                 _test_hook("mid_layer", index)
         return results
+
+
+def unquantized_copy(layer: nn.Module) -> nn.Module:
+    """A copy of ``layer`` that computes what the unquantized model computes: every LinearMX / AttentionMX / ExpertsMX
+    quantizer bypassed and their GPTQ weights dropped; online rotations stay (they cancel without quantization)."""
+    from ptq.config import AttentionQuantConfig, LinearQuantConfig
+    from ptq.modules.attention import AttentionMX
+    from ptq.modules.experts import ExpertsMX
+    from ptq.modules.linear import LinearMX
+
+    plain = copy.deepcopy(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "dropping the GPTQ-quantized weight": intended here
+        for m in plain.modules():
+            if isinstance(m, (LinearMX, ExpertsMX)):
+                m.set_config(LinearQuantConfig())
+            elif isinstance(m, AttentionMX):
+                m.set_config(AttentionQuantConfig())
+    return plain
