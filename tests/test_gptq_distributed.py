@@ -1,6 +1,6 @@
 """Data-parallel GPTQ under torchrun (gloo, 2 CPU ranks) against one process, on stories260k (issue 17).
 
-- Same Hessians (every group of every layer: the per-batch x^T x are summed in fp64, so the split over ranks does
+- Same Hessians and asymmetric cross terms (every group of every layer: the per-batch x^T x are summed in fp64, so the split over ranks does
   not change them beyond fp32 rounding; asserted <= 1e-5 relative, observed equal) and the same GPTQ weights, bit for
   bit, although each rank calibrated on half of the batches and solved half of the rows.
 - ``torchrun -m ptq.cli quantize`` with one rank SIGKILLed in the middle of layer 2 fails with a message, keeps layers
@@ -39,11 +39,12 @@ WORKER = textwrap.dedent("""\
     hessians = {}
     original = GPTQPass._hessians
 
-    def spy(self, layer, group, inputs, device):
-        hs = original(self, layer, group, inputs, device)
-        for j, h in enumerate(hs.values()):
-            hessians[f"layer{inputs.index}.{group[0][0]}.{j}"] = h.clone()
-        return hs
+    def spy(self, layer, group, inputs, device, *streams):
+        hs, cross = original(self, layer, group, inputs, device, *streams)
+        for kind, terms in (("H", hs), ("C", cross)):
+            for j, h in enumerate(terms.values()):
+                hessians[f"layer{inputs.index}.{group[0][0]}.{kind}{j}"] = h.clone()
+        return hs, cross
 
     GPTQPass._hessians = spy
     with distributed.process_group_from_env("cpu"):
@@ -59,10 +60,10 @@ WORKER = textwrap.dedent("""\
     """)
 
 
-def recipe(tmp_path, name, checkpoint_dir):
+def recipe(tmp_path, name, checkpoint_dir, **extra):
     p = tmp_path / f"{name}.toml"
     p.write_text(gptq_recipe_text(checkpoint_dir, dataset="tinystories", nsamples=8, seqlen=32, cali_batch_size=2,
-                                  act_order=True, clip_search_y=True))
+                                  act_order=True, clip_search_y=True, **extra))
     return p
 
 
@@ -91,7 +92,7 @@ def test_two_ranks_match_one_process(tmp_path, stories260k_path, data_dir):
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    r = recipe(tmp_path, "r", None)
+    r = recipe(tmp_path, "r", None, asymmetric=0.5)  # the cross terms C are all-reduced like H
     one = subprocess.run([sys.executable, str(script), str(ROOT), str(stories260k_path), str(r),
                           str(tmp_path / "one.json")], env=env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -104,7 +105,7 @@ def test_two_ranks_match_one_process(tmp_path, stories260k_path, data_dir):
     assert i1["computed"] == i2["computed"] == [0, 1, 2, 3, 4]
 
     h1, h2 = (load_file(tmp_path / f"{n}.json.hessians.safetensors") for n in ("one", "two"))
-    assert h1.keys() == h2.keys() and len(h1) == 5 * 4
+    assert h1.keys() == h2.keys() and len(h1) == 5 * 4 * 2
     for k in h1:
         rel = float((h1[k] - h2[k]).norm() / h1[k].norm())
         assert rel <= 1e-5, (k, rel)

@@ -63,15 +63,16 @@ def layer_files(ck):
     return [load_file(f) for f in sorted(Path(ck).glob("layer_*.safetensors"))]
 
 
-def test_layer_by_layer_equals_whole_model(tmp_path, stories260k_path, monkeypatch):
+@pytest.mark.parametrize("asymmetric", [0.0, 0.5])
+def test_layer_by_layer_equals_whole_model(tmp_path, stories260k_path, monkeypatch, asymmetric):
     from ptq.cli import main
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cli = ["quantize", "--model", str(stories260k_path), "--device", "cpu", "--no-progress", "--dtype", "float32"]
-    assert main(cli + ["--recipe", str(recipe(tmp_path, "lazy", tmp_path / "ck_lazy")), "--layer-by-layer", "on",
-                       "--out", str(tmp_path / "out")]) == 0
-    assert main(cli + ["--recipe", str(recipe(tmp_path, "full", tmp_path / "ck_full")), "--layer-by-layer",
-                       "off"]) == 0
+    lazy_r = recipe(tmp_path, "lazy", tmp_path / "ck_lazy", asymmetric=asymmetric)
+    full_r = recipe(tmp_path, "full", tmp_path / "ck_full", asymmetric=asymmetric)
+    assert main(cli + ["--recipe", str(lazy_r), "--layer-by-layer", "on", "--out", str(tmp_path / "out")]) == 0
+    assert main(cli + ["--recipe", str(full_r), "--layer-by-layer", "off"]) == 0
     info = json.loads((tmp_path / "out" / "info.json").read_text())["passes"]["gptq"]
     assert info["layer_by_layer"] is True and info["computed"] == [0, 1, 2, 3, 4]
     assert not (tmp_path / "out" / "model.safetensors").exists()  # never whole in memory: results are the checkpoints
