@@ -8,7 +8,8 @@
 
 Rows, for each format (NVFP4 W4A4 and MXFP4 W4A4, weights and linear-layer inputs):
 
-- ptq: the shipped format recipe (recipes/nvfp4.toml, recipes/mxfp4.toml) with [gptq] added, alone and after the
+- ptq: the shipped format recipe (recipes/nvfp4.toml, recipes/mxfp4.toml) with [gptq] added (the algorithm settings
+  of recipes/w4a4kv4_gptq.toml, asymmetric calibration included), alone and after the
   online Hadamard search ([rotation_search], block-diagonal with the format's block, scoring each candidate on the
   first ``--search-windows`` (default 8) of the same calibration windows: every candidate costs a forward over
   them, and 32 x 512 tokens per candidate took over an hour on 2 CPU cores); for MXFP4 also the latter with
@@ -151,9 +152,7 @@ def run_ptq(model, data, fmt, variant, args):
         if variant.startswith("ceil"):  # activation scales that never clip (the weights' come from GPTQ's search)
             recipe[key]["data_in_scale_rule"] = "ceil"
     recipe["gptq"] = {"dataset": [data["calib_text"]], "nsamples": data["calib"].shape[0],
-                      "seqlen": data["calib"].shape[1], "cali_batch_size": args.batch,
-                      # the settings of ptq's shipped GPTQ recipes (llm-compressor's GPTQ orders columns too)
-                      "act_order": True, "quantile_search": True, "clip_search_y": True}
+                      "seqlen": data["calib"].shape[1], "cali_batch_size": args.batch, **ptq_gptq_settings()}
     if "rotation" in variant:
         recipe["rotation_search"] = {"dataset": [data["calib_text"]],
                                      "calib_nsamples": min(args.search_windows, data["calib"].shape[0]),
@@ -162,6 +161,15 @@ def run_ptq(model, data, fmt, variant, args):
     tok = AutoTokenizer.from_pretrained(args.model)
     quantize_module_transform_pass(model, load_recipe(recipe), tokenizer=tok, device=args.device, progress=False)
     return lambda m: m.effective_weight() if hasattr(m, "effective_weight") else None
+
+
+def ptq_gptq_settings() -> dict:
+    """The algorithm settings of ptq's shipped GPTQ recipe (act-order, clip searches, asymmetric calibration ...);
+    calibration data and sizes come from the bench. llm-compressor's GPTQ orders columns too."""
+    from ptq.recipe import load_recipe
+
+    g = load_recipe(ROOT / "recipes" / "w4a4kv4_gptq.toml").gptq
+    return g.model_dump(include={"percdamp", "act_order", "quantile_search", "clip_search_y", "asymmetric"})
 
 
 def run_llmcompressor(model, data, fmt, variant, args):
@@ -289,7 +297,8 @@ def _run_worker(args, out: Path, data: Path, python: str, tool: str, fmt: str, v
            "--data", str(data), "--model", args.model, "--dtype", args.dtype, "--device", args.device,
            "--batch", str(args.batch), "--search-windows", str(args.search_windows), "--result", str(res)]
     key = {"data": _digest(data), "model": str(Path(args.model).resolve()), "dtype": args.dtype, "device": args.device,
-           "batch": args.batch, "search_windows": args.search_windows if tool == "ptq" else None}
+           "batch": args.batch, "search_windows": args.search_windows if tool == "ptq" else None,
+           "gptq": ptq_gptq_settings() if tool == "ptq" else None}
     if args.reuse and res.is_file():
         old = json.loads(res.read_text())
         if old.get("status") == "ok" and old.get("key") == key:

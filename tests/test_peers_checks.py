@@ -69,6 +69,10 @@ def test_reuse_keeps_a_finished_row_only_for_the_same_data_and_settings(peers, t
     assert peers._run_worker(args, tmp_path, data, "python", "ptq", "mxfp4", "gptq")["ppl"] != first["ppl"]
     data.write_bytes(b"other windows")  # other data: rerun
     peers._run_worker(args, tmp_path, data, "python", "ptq", "mxfp4", "gptq")
+    shipped = peers.ptq_gptq_settings()
+    assert shipped["asymmetric"] == 0.25 and shipped["act_order"]  # what recipes/w4a4kv4_gptq.toml says
+    monkeypatch.setattr(peers, "ptq_gptq_settings", lambda: {**shipped, "asymmetric": 0.0})
+    peers._run_worker(args, tmp_path, data, "python", "ptq", "mxfp4", "gptq")  # other GPTQ settings: rerun
     args.reuse = False  # without --reuse: always rerun
     peers._run_worker(args, tmp_path, data, "python", "ptq", "mxfp4", "gptq")
-    assert len(calls) == 4
+    assert len(calls) == 5
