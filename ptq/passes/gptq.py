@@ -43,8 +43,9 @@ experts module, the routed token counts and which experts used the pooled Hessia
 Asymmetric calibration (``[gptq].asymmetric``, see ``ptq.gptq.asymmetric``): a second stream of hidden states runs
 through an unquantized copy of each decoder layer (every quantizer bypassed, GPTQ weights dropped, rotations kept),
 from the same captured layer-0 inputs. Each group then also accumulates C = 2/N sum x_q x^T (x: the unquantized
-stream's input of the same linear, in the same basis), and GPTQ quantizes W* = W C^T H^-1 instead of W, so the
-quantized layer is fitted to the unquantized model's output. A resume replays both streams.
+stream's input of the same linear, in the same basis), and GPTQ quantizes W + s (W* - W) instead of W, W* the
+(damped) least-squares fit of the unquantized model's output on the quantized input and s = ``asymmetric``. A resume
+replays both streams.
 
 Clip search: ``[gptq].clip_search_y`` -> objective "output" (least output error, using H); else
 ``quantile_search`` -> "weight"; with both, "output" wins: it is the error GPTQ itself minimises.
@@ -870,20 +871,18 @@ class GPTQPass:
                 key = (self._input_key(m), spec, name if not merge else None)
                 batches.setdefault(key, []).append((name, m))
             for key, mods in batches.items():
-                ws = [m.weight_to_quantize().to(device) for _, m in mods]
+                w = torch.cat([m.weight_to_quantize().to(device) for _, m in mods], 0)
+                rows = [m.out_features for _, m in mods]
                 try:
                     if cfg.asymmetric > 0:
                         with self._timed("asymmetric_target"):
-                            ws = list(asymmetric_target(torch.cat(ws, 0), hs[key[0]], cross[key[0]], cfg.percdamp,
-                                                        cfg.asymmetric)
-                                      .split([w.shape[0] for w in ws], 0))
+                            w = asymmetric_target(w, hs[key[0]], cross[key[0]], cfg.percdamp, cfg.asymmetric)
                     with self._timed("solve"):
-                        qw = self._solve(torch.cat(ws, 0), hs[key[0]], key[1], cfg, clip)
+                        qw = self._solve(w, hs[key[0]], key[1], cfg, clip)
                 except HessianError as err:
                     names = ", ".join(f"layer {index} {n}" for n, _ in mods)
                     raise HessianError(f"{names}: {err}") from None
-                q = qw.split([w.shape[0] for w in ws], 0)
-                for (name, m), qi, wi in zip(mods, q, ws):
+                for (name, m), qi, wi in zip(mods, qw.split(rows, 0), w.split(rows, 0)):
                     m.set_quantized_weight(qi)
                     d = (wi - qi)
                     results[name] = (m, float(torch.einsum("ri,ij,rj->", d, hs[key[0]], d)))
@@ -895,17 +894,10 @@ class GPTQPass:
 def unquantized_copy(layer: nn.Module) -> nn.Module:
     """A copy of ``layer`` that computes what the unquantized model computes: every LinearMX / AttentionMX / ExpertsMX
     quantizer bypassed and their GPTQ weights dropped; online rotations stay (they cancel without quantization)."""
-    from ptq.config import AttentionQuantConfig, LinearQuantConfig
-    from ptq.modules.attention import AttentionMX
-    from ptq.modules.experts import ExpertsMX
-    from ptq.modules.linear import LinearMX
+    from ptq.modules.bypass import bypass_quantizers
 
     plain = copy.deepcopy(layer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "dropping the GPTQ-quantized weight": intended here
-        for m in plain.modules():
-            if isinstance(m, (LinearMX, ExpertsMX)):
-                m.set_config(LinearQuantConfig())
-            elif isinstance(m, AttentionMX):
-                m.set_config(AttentionQuantConfig())
+        bypass_quantizers(plain)
     return plain

@@ -452,20 +452,13 @@ def _start(n: int, block: int | None, signs, key: str, what: str) -> torch.Tenso
 
 @contextmanager
 def quantization_bypassed(model: nn.Module):
-    """Every LinearMX / AttentionMX passes its tensors through exactly (online rotations stay); restored after."""
-    from ptq.config import AttentionQuantConfig, LinearQuantConfig
-    from ptq.modules.attention import AttentionMX
-    from ptq.modules.linear import LinearMX
+    """Every LinearMX / ExpertsMX / AttentionMX passes its tensors through exactly (online rotations stay); restored
+    after."""
+    from ptq.modules.bypass import bypass_quantizers
 
     saved = []
     try:
-        for m in model.modules():
-            if isinstance(m, LinearMX):
-                saved.append((m, m.cfg))
-                m.set_config(LinearQuantConfig())
-            elif isinstance(m, AttentionMX):
-                saved.append((m, m.cfg))
-                m.set_config(AttentionQuantConfig())
+        saved = bypass_quantizers(model)
         yield
     finally:
         for m, cfg in saved:
