@@ -7,6 +7,8 @@
 #   r2-lr001 / r2-lr02 / r2-400 / r2-nw   learn at lr 0.001 / lr 0.02 / 400 steps / weights unquantized
 #   r1r2        R1 + R2 from the identity (RMSNorm weights folded, embeddings untied), lr 0.001
 #   r1r2-steps0 / r1r2-nw / r1r2-ce        r1r2 untrained (the start) / weights unquantized / cross-entropy loss
+#   sm / sm-lr02 / sm-lr001 / sm-down / sm-400   learn plus smoothing scales (qkv, gate_up, down; or down only) at
+#               smooth_lr = lr / 0.02 / 0.001, or for 400 steps
 #   full0 / full0-r1   R1 (+ R2) from whole-dimension randomised Hadamards (576 = SmolLM2's hidden size), untrained
 #   no-act / no-kv / no-weight   the search row without input / KV-cache / weight quantization (where the error is)
 #   search-aNN / learn-aNN   the search / learn row with asymmetric GPTQ ([gptq].asymmetric = 0.NN; a100 = 1.0)
@@ -25,6 +27,11 @@ variant() {  # the [rotation_learn] keys a variant changes
     r1r2-nw) echo "${r1r2}quantize_weights = false\n" ;;
     r1r2-ce) echo "${r1r2}loss = \"ce\"\n" ;;
     full0) echo 'rotations = ["r1", "r2"]\nr1_block_size = 576\nr2_block_size = 64\nuntie_embeddings = true\nsteps = 0\n' ;;
+    sm) echo 'smooth = ["qkv", "gate_up", "down"]\n' ;;
+    sm-lr02) echo 'smooth = ["qkv", "gate_up", "down"]\nsmooth_lr = 0.02\n' ;;
+    sm-lr001) echo 'smooth = ["qkv", "gate_up", "down"]\nsmooth_lr = 0.001\n' ;;
+    sm-down) echo 'smooth = ["down"]\n' ;;
+    sm-400) echo 'smooth = ["qkv", "gate_up", "down"]\nsteps = 400\n' ;;
     full0-r1) echo 'rotations = ["r1"]\nr1_block_size = 576\nuntie_embeddings = true\nsteps = 0\n' ;;
     *) return 1 ;;
   esac

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ptq.formats import QuantSpec
 
@@ -142,6 +142,7 @@ class RotationSearchConfig(_Strict):
 
 
 LearnedRotation = Literal["r1", "r2"]
+SmoothSite = Literal["qkv", "gate_up", "down"]
 
 
 class RotationLearnConfig(_Strict):
@@ -152,9 +153,15 @@ class RotationLearnConfig(_Strict):
     layer's values per head (fused into v_proj's rows and o_proj's columns). ``r1_block_size`` / ``r2_block_size``
     pick the Hadamard they start from: None = the whole dimension, N = block-diagonal with blocks of N, 1 = the
     identity (use it on top of ``[rotation_search]``, whose online block Hadamards a start of the same block undoes).
+    ``smooth``: per-channel scales learned with the rotations and fused offline (SmoothQuant's equivalence, trained):
+    "qkv" / "gate_up" divide the input RMSNorm / post-attention RMSNorm output by ``s`` and multiply the columns of
+    q, k, v / gate, up by ``s``; "down" divides up_proj's rows by ``s`` and multiplies down_proj's columns by it.
+    ``smooth_lr``: their learning rate (log-scale; left out = ``lr``).
     """
 
     rotations: list[LearnedRotation] = ["r1", "r2"]
+    smooth: list[SmoothSite] = []
+    smooth_lr: float | None = Field(None, gt=0.0)
     steps: int = Field(100, ge=0)
     batch_size: int = Field(4, ge=1)  # calibration windows per step
     lr: float = Field(1e-3, gt=0.0)
@@ -175,14 +182,19 @@ class RotationLearnConfig(_Strict):
     checkpoint_path: str | None = None
     checkpoint_every: int = Field(25, ge=1)
 
-    @field_validator("rotations")
+    @field_validator("rotations", "smooth")
     @classmethod
-    def _rotations_nonempty(cls, v):
-        if not v:
-            raise ValueError("rotations must name at least one of 'r1', 'r2'")
+    def _no_repeats(cls, v, info):
         if len(set(v)) != len(v):
-            raise ValueError(f"rotations lists a value twice: {v}")
+            raise ValueError(f"{info.field_name} lists a value twice: {v}")
         return v
+
+    @model_validator(mode="after")
+    def _learns_something(self):
+        if not self.rotations and not self.smooth:
+            raise ValueError("rotations must name at least one of 'r1', 'r2' (or smooth one of 'qkv', 'gate_up', "
+                             "'down'): there is nothing to learn")
+        return self
 
     @field_validator("r1_block_size", "r2_block_size")
     @classmethod

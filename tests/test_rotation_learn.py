@@ -83,8 +83,10 @@ def test_recipe_table_round_trips_and_plans_the_pass():
     ("stepz = 3", "rotation_learn.stepz"),
     ("loss = 'mse'", "rotation_learn.loss"),
     ("lr = -1.0", "rotation_learn.lr"),
-    ("rotations = []", "rotation_learn.rotations"),
     ("rotations = ['r1', 'r3']", "rotation_learn.rotations"),
+    ("smooth = ['qkv', 'o']", "rotation_learn.smooth"),
+    ("smooth = ['down', 'down']", "rotation_learn.smooth"),
+    ("smooth_lr = 0.0", "rotation_learn.smooth_lr"),
     ("r1_block_size = 0", "rotation_learn.r1_block_size"),
 ])
 def test_recipe_errors_name_the_key(bad, path):
@@ -92,6 +94,14 @@ def test_recipe_errors_name_the_key(bad, path):
 
     with pytest.raises(RecipeError, match=path.replace(".", r"\.")):
         load_recipe(RTN + f"\n[rotation_learn]\n{bad}\n")
+
+
+def test_a_table_that_learns_nothing_is_refused():
+    from ptq.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=r"\[rotation_learn\].*nothing to learn"):
+        load_recipe(RTN + "\n[rotation_learn]\nrotations = []\n")
+    assert load_recipe(RTN + "\n[rotation_learn]\nrotations = []\nsmooth = ['down']\n").rotation_learn.smooth == ["down"]
 
 
 def test_shipped_recipe_validates():
@@ -105,13 +115,11 @@ def test_shipped_recipe_validates():
 # ---- exactness of the rotations (no quantization) ---------------------------------------------------------------
 
 def _randomise(rots, scale=0.3, seed=1):
-    from ptq.passes.rotation_learn import CayleyRotation
-
+    """Every rotation parameter and log-scale random: far from the start."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for r in rots.modules():
-            if isinstance(r, CayleyRotation):
-                r.param.copy_(torch.randn(r.param.shape, generator=g, dtype=torch.float64) * scale)
+        for p in rots.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "granite"])
@@ -139,6 +147,47 @@ def test_fused_rotations_keep_the_function(family):
     assert (fused - ref).abs().max() <= 1e-5 * scale
     layer = model.model.layers[0]
     assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+
+
+SMOOTH_ALL = ["qkv", "gate_up", "down"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "granite"])
+@pytest.mark.parametrize("kw", [dict(rotations=[], smooth=SMOOTH_ALL), dict(rotations=["r2"], smooth=["down"]),
+                                dict(rotations=["r1", "r2"], smooth=SMOOTH_ALL, untie_embeddings=True)],
+                         ids=["smooth", "r2+down", "r1+r2+smooth"])
+def test_fused_smoothing_keeps_the_function(family, kw):
+    """Random scales (e^N(0, 0.5^2) per channel) with or without rotations: virtual and fused forward are exact, and
+    the scales really moved what the norms and linears hold."""
+    from families import tiny_model
+
+    from ptq.config import RotationLearnConfig
+    from ptq.passes.rotation_learn import LearnedRotations, discover_layout
+
+    model = tiny_model(family)
+    layer = model.model.layers[0]
+    before = {"norm": layer.input_layernorm.weight.clone(), "up": layer.mlp.up_proj.weight.clone()}
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        rots = LearnedRotations(discover_layout(model), RotationLearnConfig(**kw), torch.device("cpu"))
+        assert len(rots.smooth) == len(kw["smooth"])
+        _randomise(rots, scale=0.5)
+        with rots.installed(model):
+            virtual = model(input_ids=ids).logits
+        rots.fuse()
+        fused = model(input_ids=ids).logits
+    scale = ref.abs().max()
+    assert (virtual - ref).abs().max() <= 1e-5 * scale
+    assert (fused - ref).abs().max() <= 1e-5 * scale
+    if "qkv" in kw["smooth"]:
+        want = (torch.ones_like(before["norm"]) if "r1" in kw["rotations"] else before["norm"]) / \
+            rots.smooth["qkv"][0].detach().exp().float()
+        assert torch.allclose(layer.input_layernorm.weight, want, rtol=1e-6)
+    if "down" in kw["smooth"] and "r1" not in kw["rotations"]:
+        s = rots.smooth["down"][0].detach().exp().float()
+        cols = rots.smooth["gate_up"][0].detach().exp().float() if "gate_up" in kw["smooth"] else 1.0
+        assert torch.allclose(layer.mlp.up_proj.weight, before["up"] * cols / s[:, None], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("family", ["olmo2", "phi3", "cohere", "mixtral"])
@@ -253,7 +302,8 @@ def _weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_learned_model_is_exact_without_quantization_and_orthogonal(stories260k_path, tok, data_dir):
+@pytest.mark.parametrize("smooth", [False, True])
+def test_learned_model_is_exact_without_quantization_and_orthogonal(stories260k_path, tok, data_dir, smooth):
     from ptq.passes.rotation_learn import quantization_bypassed
 
     ids = torch.cat([torch.ones(1, 1, dtype=torch.long), torch.randint(3, 512, (1, 63))], 1)
@@ -270,7 +320,8 @@ def test_learned_model_is_exact_without_quantization_and_orthogonal(stories260k_
 
     rl.LearnedRotations.fuse = keep
     try:
-        model, info = _run(stories260k_path, tok, _learn_recipe(steps=3, extra="keep_best = false"))
+        extra = "keep_best = false" + ("\nsmooth = ['qkv', 'gate_up', 'down']\nsmooth_lr = 0.01" if smooth else "")
+        model, info = _run(stories260k_path, tok, _learn_recipe(steps=3, extra=extra))
     finally:
         rl.LearnedRotations.fuse = orig
     learned = rots["r"]
@@ -278,6 +329,7 @@ def test_learned_model_is_exact_without_quantization_and_orthogonal(stories260k_
     assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
     mats = [learned.r1.matrix()] + [r.matrix() for r in learned.r2]
     assert learned.r1.param.abs().max() > 0  # trained
+    assert len(learned.smooth) == (3 if smooth else 0) and all(p.abs().max() > 0 for p in learned.smooth.parameters())
     for r in mats:  # orthogonal in float32, as the forward uses them
         r32 = r.float()
         assert (r32 @ r32.T - torch.eye(r.shape[0])).abs().max() <= 1e-5
@@ -333,14 +385,15 @@ def test_learned_rotations_do_not_get_worse_on_held_out_text(stories260k_path, t
 def test_deterministic_and_resume_equals_uninterrupted(stories260k_path, tok, data_dir, tmp_path, monkeypatch):
     import ptq.passes.rotation_learn as rl
 
-    recipe = _learn_recipe(steps=3)
+    sm = "smooth = ['qkv', 'down']\nsmooth_lr = 0.01\n"  # scales and their own optimiser group resume too
+    recipe = _learn_recipe(steps=3, extra=sm)
     a, _ = _run(stories260k_path, tok, recipe)
     b, _ = _run(stories260k_path, tok, recipe)
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
     ck = tmp_path / "learn.pt"
-    with_ck = _learn_recipe(steps=3, extra=f'checkpoint_path = "{ck.as_posix()}"', every=1)
+    with_ck = _learn_recipe(steps=3, extra=f'{sm}checkpoint_path = "{ck.as_posix()}"', every=1)
 
     class Crash(Exception):
         pass
@@ -362,11 +415,11 @@ def test_deterministic_and_resume_equals_uninterrupted(stories260k_path, tok, da
     assert all(torch.equal(wa[k], v) for k, v in _weights(d).items())
 
     with pytest.raises(CheckpointError, match="recipe"):
-        _run(stories260k_path, tok, _learn_recipe(steps=3, lr=1e-2, extra=f'checkpoint_path = "{ck.as_posix()}"'))
+        _run(stories260k_path, tok, _learn_recipe(steps=3, extra=f'checkpoint_path = "{ck.as_posix()}"'))
     with pytest.raises(CheckpointError, match="resume is off"):
         _run(stories260k_path, tok, with_ck, resume=False)
     with pytest.raises(CheckpointError, match="more than"):
-        _run(stories260k_path, tok, _learn_recipe(steps=2, extra=f'checkpoint_path = "{ck.as_posix()}"'))
+        _run(stories260k_path, tok, _learn_recipe(steps=2, extra=f'{sm}checkpoint_path = "{ck.as_posix()}"'))
 
 
 def test_fusing_refreshes_weights_cached_before(stories260k_path, tok, data_dir):

@@ -11,6 +11,13 @@ Rotations (``[rotation_learn].rotations``; row-vector convention, a hidden state
   become ``R2^T W_h`` (bias ``b_h R2``), ``o_proj``'s columns of each head ``W_h R2``. What the KV cache stores and
   o_proj's input are rotated; attention itself is unchanged (softmax weights act per head, across tokens).
 
+Smoothing (``[rotation_learn].smooth``; per-channel scales ``s = exp(theta)``, ``theta`` trained from 0 with the
+rotations, its own learning rate ``smooth_lr``): "qkv" / "gate_up" divide what a layer's input / post-attention
+RMSNorm gives q, k, v / gate, up by ``s`` (fused into the norm's weight) and multiply those linears' columns by it;
+"down" divides up_proj's rows (and bias) by ``s`` and multiplies down_proj's columns by it (the SwiGLU product is
+linear in up's output). Exact in full precision, like the rotations; what changes is what each quantizer sees: an
+activation channel that the scale shrinks moves its range into the weight.
+
 Start: a Hadamard matrix (``ptq.hadamard``) of the whole dimension, or block-diagonal (``r1_block_size`` /
 ``r2_block_size``; 1 = the identity), times a seeded random +-1 diagonal (``random_signs``), so step 0 is a
 (randomised) Hadamard rotation like the ones ``rotation_search`` installs online. A start that an installed online
@@ -243,22 +250,29 @@ def _per_head_cols(w: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
 
 
 def rotated_linear(role: str, w: torch.Tensor, b: torch.Tensor | None, r1: torch.Tensor | None,
-                   r2: torch.Tensor | None, gain: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight and bias of a linear once the rotations are fused (in the dtype of the rotations).
+                   r2: torch.Tensor | None, gain: torch.Tensor | None, cols: torch.Tensor | None = None,
+                   rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of a linear once the rotations and smoothing scales are fused (in their dtype).
 
-    ``role``: a name of ``READS`` / ``WRITES`` or "lm_head"; ``gain``: the folded norm weight (readers with r1)."""
-    dt = (r1 if r1 is not None else r2).dtype
+    ``role``: a name of ``READS`` / ``WRITES`` or "lm_head"; ``gain``: the folded norm weight (readers with r1);
+    ``cols``: a smoothing scale multiplying the columns; ``rows``: one dividing the rows (and the bias)."""
+    dt = next(t.dtype for t in (r1, r2, cols, rows) if t is not None)
     w = w.to(dt)
     b = b.to(dt) if b is not None else None
+    if rows is not None:
+        w = w / rows[:, None]
+        b = b / rows if b is not None else None
     if role in WRITES:
         if r1 is not None:
             w = r1.T @ w
             b = b @ r1 if b is not None else None
         if role == "o_proj" and r2 is not None:
             w = _per_head_cols(w, r2)
-        return w, b
+        return (w * cols if cols is not None else w), b
     if r1 is not None:
         w = (w * gain.to(dt)) @ r1
+    if cols is not None:
+        w = w * cols
     if role == "v_proj" and r2 is not None:
         w = _per_head_rows(w, r2)
         b = _per_head_rows(b, r2) if b is not None else None
@@ -282,6 +296,29 @@ def _linear_forward(mod: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.T
     return F.linear(mod.prepare_input(x), wq, bq)
 
 
+@dataclass(frozen=True)
+class Transforms:
+    """The current rotation matrices and smoothing scales (``scales[site][layer]``), in one dtype."""
+
+    r1: torch.Tensor | None
+    r2: list
+    scales: dict
+    dtype: torch.dtype
+
+
+_READER_SITE = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def _smooth_width(layer: DecoderLayer, site: str) -> int:
+    return layer.linears["down_proj"].in_features if site == "down" else layer.linears["q_proj"].in_features
+
+
+def _norm_weight(norm: nn.Module, t: Transforms, site: str, i: int) -> torch.Tensor:
+    """An RMSNorm's weight once fused: 1 when r1 folded it into the readers (else its own), divided by the scale."""
+    w = torch.ones_like(norm.weight, dtype=t.dtype) if t.r1 is not None else norm.weight.to(t.dtype)
+    return w / t.scales[site][i] if site in t.scales else w
+
+
 class LearnedRotations(nn.Module):
     """The trained rotations of one model: ``r1`` (hidden) and ``r2.<layer>`` (head_dim), and how to use them."""
 
@@ -297,33 +334,49 @@ class LearnedRotations(nn.Module):
             self.r2 = nn.ModuleList(
                 CayleyRotation(_start(layer.head_dim, cfg.r2_block_size, signs, "r2_block_size", "head_dim"))
                 for layer in layout.layers)
+        # log-scales, float64 like the Cayley parameters; site -> one vector per layer
+        self.smooth = nn.ModuleDict({site: nn.ParameterList(
+            nn.Parameter(torch.zeros(_smooth_width(layer, site), dtype=torch.float64)) for layer in layout.layers)
+            for site in cfg.smooth})
         self.to(device)
 
-    def matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    def matrices(self, dtype: torch.dtype) -> Transforms:
+        n = len(self.layout.layers)
         r1 = self.r1.matrix().to(dtype) if self.r1 is not None else None
-        r2 = [r.matrix().to(dtype) for r in self.r2] if self.r2 is not None else [None] * len(self.layout.layers)
-        return r1, r2
+        r2 = [r.matrix().to(dtype) for r in self.r2] if self.r2 is not None else [None] * n
+        scales = {site: [t.exp().to(dtype) for t in ps] for site, ps in self.smooth.items()}
+        return Transforms(r1, r2, scales, dtype)
 
     # -- what each module computes, given the rotation matrices --
-    def plan(self) -> list[tuple[nn.Module, str, Callable | None]]:
-        """(module, kind, fn) for every module the rotations change: kind "embedding" / "linear" with ``fn(r1, r2s)``
-        giving its new weight (linear: and bias), or kind "norm" (its weight is folded away) with fn None."""
+    def plan(self) -> list[tuple[nn.Module, str, Callable]]:
+        """(module, kind, fn) for every module the rotations or scales change; ``fn(t)`` (``t``: `Transforms`) gives
+        its new weight: kind "embedding", "linear" (weight and bias) or "norm" (the RMSNorm's weight)."""
         lay = self.layout
-        out: list[tuple[nn.Module, str, Callable | None]] = []
-        if self.r1 is not None:
-            out.append((lay.embed, "embedding", lambda r1, r2s: lay.embed.weight.to(r1.dtype) @ r1))
-            out += [(n, "norm", None) for layer in lay.layers for n in (layer.input_norm, layer.post_attn_norm)]
-            out.append((lay.final_norm, "norm", None))
-            out.append((lay.lm_head, "linear", lambda r1, r2s: rotated_linear(
-                "lm_head", lay.lm_head.weight, lay.lm_head.bias, r1, None, lay.final_norm.weight)))
+        r1_on = self.r1 is not None
+        out: list[tuple[nn.Module, str, Callable]] = []
+        if r1_on:
+            out.append((lay.embed, "embedding", lambda t: lay.embed.weight.to(t.r1.dtype) @ t.r1))
+            out.append((lay.final_norm, "norm", lambda t: torch.ones_like(lay.final_norm.weight, dtype=t.dtype)))
+            out.append((lay.lm_head, "linear", lambda t: rotated_linear(
+                "lm_head", lay.lm_head.weight, lay.lm_head.bias, t.r1, None, lay.final_norm.weight)))
         for layer in lay.layers:
+            i = layer.index
+            for norm, site in ((layer.input_norm, "qkv"), (layer.post_attn_norm, "gate_up")):
+                if r1_on or site in self.smooth:  # r1 folds the weight into the readers; a scale divides it
+                    out.append((norm, "norm", lambda t, norm=norm, site=site, i=i: _norm_weight(norm, t, site, i)))
             for name, mod in layer.linears.items():
-                if self.r1 is None and name not in ("v_proj", "o_proj"):
+                site = _READER_SITE.get(name)
+                cols = site if site in self.smooth else "down" if name == "down_proj" and "down" in self.smooth \
+                    else None
+                rows = "down" if name == "up_proj" and "down" in self.smooth else None
+                r2_here = self.r2 is not None and name in ("v_proj", "o_proj")
+                if not (r1_on or r2_here or cols or rows):
                     continue
-                gain = layer.input_norm.weight if name in ("q_proj", "k_proj", "v_proj") else \
-                    layer.post_attn_norm.weight if name in ("gate_proj", "up_proj") else None
-                out.append((mod, "linear", lambda r1, r2s, name=name, mod=mod, gain=gain, i=layer.index:
-                            rotated_linear(name, mod.weight, mod.bias, r1, r2s[i], gain)))
+                gain = {"qkv": layer.input_norm.weight, "gate_up": layer.post_attn_norm.weight}.get(site)
+                out.append((mod, "linear", lambda t, name=name, mod=mod, gain=gain, i=i, cols=cols, rows=rows:
+                            rotated_linear(name, mod.weight, mod.bias, t.r1, t.r2[i], gain,
+                                           t.scales[cols][i] if cols else None,
+                                           t.scales[rows][i] if rows else None)))
         return out
 
     @contextmanager
@@ -338,11 +391,11 @@ class LearnedRotations(nn.Module):
             return cache["mats"]
 
         def make(mod, kind, fn):
-            if kind == "norm":
-                return lambda x: unit_rms_norm(mod, x)
+            if kind == "norm":  # the weight in the norm's dtype, as it will be stored once fused
+                return lambda x: unit_rms_norm(mod, x) * fn(mats()).to(mod.weight.dtype)
             if kind == "embedding":
-                return lambda ids: F.embedding(ids, fn(*mats()).to(mod.weight.dtype), mod.padding_idx)
-            return lambda x: _linear_forward(mod, x, *fn(*mats()), quantize_weights)
+                return lambda ids: F.embedding(ids, fn(mats()).to(mod.weight.dtype), mod.padding_idx)
+            return lambda x: _linear_forward(mod, x, *fn(mats()), quantize_weights)
 
         saved = []
         hook = model.register_forward_pre_hook(lambda *_: cache.update(mats=None))
@@ -363,13 +416,13 @@ class LearnedRotations(nn.Module):
     def fuse(self) -> dict:
         """Write the rotations into the model's Parameters (float64 math, cast to each Parameter's dtype)."""
         lay = self.layout
-        r1, r2s = self.matrices(torch.float64)
-        updates = [(mod, fn(r1, r2s)) for mod, kind, fn in self.plan() if kind != "norm"]
+        t = self.matrices(torch.float64)
+        updates = [(mod, fn(t)) for mod, kind, fn in self.plan()]
         untied = False
         # in place through the Parameters (not .data), so their version counters move and LinearMX drops the
         # quantized weights it cached from the old values (e.g. during rotation_search)
         for mod, new in updates:
-            if isinstance(mod, nn.Embedding):
+            if isinstance(new, torch.Tensor):  # an embedding or a norm
                 mod.weight.copy_(new)
                 continue
             w, b = new
@@ -380,10 +433,6 @@ class LearnedRotations(nn.Module):
                 mod.weight.copy_(w)
             if b is not None:
                 mod.bias.copy_(b)
-        if r1 is not None:
-            for norm in [n for layer in lay.layers for n in (layer.input_norm, layer.post_attn_norm)] + \
-                    [lay.final_norm]:
-                norm.weight.fill_(1)
         if untied and lay.config is not None:  # so that saving and reloading the model does not tie them again
             text = lay.config.get_text_config() if hasattr(lay.config, "get_text_config") else lay.config
             for c in (lay.config, text):
@@ -616,7 +665,7 @@ class RotationLearnPass:
             rots.load_state_dict(state["rotations"])
             opt.load_state_dict(state["optimizer"])
             start, history, before, best = state["step"], list(state["history"]), state["before"], state["best"]
-        info = {"rotations": list(cfg.rotations), "loss": cfg.loss, "steps": cfg.steps, "resumed_at": start,
+        info = {"rotations": list(cfg.rotations), "smooth": list(cfg.smooth), "loss": cfg.loss, "steps": cfg.steps, "resumed_at": start,
                 "checkpoint_path": cfg.checkpoint_path, "checkpoint_loaded": state is not None}
         bs = cfg.batch_size
         with torch.enable_grad(), _frozen(model), rots.installed(model, cfg.quantize_weights):
@@ -677,10 +726,13 @@ class RotationLearnPass:
 
     @staticmethod
     def _optimizer(rots: LearnedRotations, cfg: RotationLearnConfig) -> torch.optim.Optimizer:
-        params = [p for p in rots.parameters()]
+        smooth = list(rots.smooth.parameters())
+        groups = [{"params": [p for p in rots.parameters() if all(p is not q for q in smooth)]},
+                  {"params": smooth, "lr": cfg.smooth_lr or cfg.lr}]
+        groups = [g for g in groups if g["params"]]
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-        return torch.optim.Adam(params, lr=cfg.lr)
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.Adam(groups, lr=cfg.lr)
 
     @staticmethod
     @torch.no_grad()
@@ -690,9 +742,8 @@ class RotationLearnPass:
             ref = _logits(model, ids)
             saved = {k: v.clone() for k, v in rots.state_dict().items()}
             g = torch.Generator().manual_seed(1)
-            for r in rots.modules():
-                if isinstance(r, CayleyRotation):  # a random rotation away from the start: a strong check
-                    r.param.copy_(torch.randn(r.param.shape, generator=g, dtype=torch.float64) * 0.3)
+            for p in rots.parameters():  # random rotations (and scales) away from the start: a strong check
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
             try:
                 with rots.installed(model):
                     got = _logits(model, ids)
