@@ -307,6 +307,8 @@ class Transforms:
 
 
 _READER_SITE = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+_COLUMN_SITE = {**_READER_SITE, "down_proj": "down"}  # the scale multiplying a linear's columns
+_ROW_SITE = {"up_proj": "down"}  # the scale dividing its rows
 
 
 def _smooth_width(layer: DecoderLayer, site: str) -> int:
@@ -320,7 +322,8 @@ def _norm_weight(norm: nn.Module, t: Transforms, site: str, i: int) -> torch.Ten
 
 
 class LearnedRotations(nn.Module):
-    """The trained rotations of one model: ``r1`` (hidden) and ``r2.<layer>`` (head_dim), and how to use them."""
+    """The trained transforms of one model: rotations ``r1`` (hidden) and ``r2.<layer>`` (head_dim), smoothing
+    log-scales ``smooth.<site>.<layer>``, and how to use them."""
 
     def __init__(self, layout: ResidualLayout, cfg: RotationLearnConfig, device: torch.device):
         super().__init__()
@@ -355,7 +358,7 @@ class LearnedRotations(nn.Module):
         r1_on = self.r1 is not None
         out: list[tuple[nn.Module, str, Callable]] = []
         if r1_on:
-            out.append((lay.embed, "embedding", lambda t: lay.embed.weight.to(t.r1.dtype) @ t.r1))
+            out.append((lay.embed, "embedding", lambda t: lay.embed.weight.to(t.dtype) @ t.r1))
             out.append((lay.final_norm, "norm", lambda t: torch.ones_like(lay.final_norm.weight, dtype=t.dtype)))
             out.append((lay.lm_head, "linear", lambda t: rotated_linear(
                 "lm_head", lay.lm_head.weight, lay.lm_head.bias, t.r1, None, lay.final_norm.weight)))
@@ -366,9 +369,8 @@ class LearnedRotations(nn.Module):
                     out.append((norm, "norm", lambda t, norm=norm, site=site, i=i: _norm_weight(norm, t, site, i)))
             for name, mod in layer.linears.items():
                 site = _READER_SITE.get(name)
-                cols = site if site in self.smooth else "down" if name == "down_proj" and "down" in self.smooth \
-                    else None
-                rows = "down" if name == "up_proj" and "down" in self.smooth else None
+                cols = _COLUMN_SITE.get(name) if _COLUMN_SITE.get(name) in self.smooth else None
+                rows = _ROW_SITE.get(name) if _ROW_SITE.get(name) in self.smooth else None
                 r2_here = self.r2 is not None and name in ("v_proj", "o_proj")
                 if not (r1_on or r2_here or cols or rows):
                     continue
@@ -414,7 +416,8 @@ class LearnedRotations(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> dict:
-        """Write the rotations into the model's Parameters (float64 math, cast to each Parameter's dtype)."""
+        """Write the rotations and scales into the model's Parameters (float64 math, cast to each Parameter's
+        dtype)."""
         lay = self.layout
         t = self.matrices(torch.float64)
         updates = [(mod, fn(t)) for mod, kind, fn in self.plan()]
@@ -665,8 +668,8 @@ class RotationLearnPass:
             rots.load_state_dict(state["rotations"])
             opt.load_state_dict(state["optimizer"])
             start, history, before, best = state["step"], list(state["history"]), state["before"], state["best"]
-        info = {"rotations": list(cfg.rotations), "smooth": list(cfg.smooth), "loss": cfg.loss, "steps": cfg.steps, "resumed_at": start,
-                "checkpoint_path": cfg.checkpoint_path, "checkpoint_loaded": state is not None}
+        info = {"rotations": list(cfg.rotations), "smooth": list(cfg.smooth), "loss": cfg.loss, "steps": cfg.steps,
+                "resumed_at": start, "checkpoint_path": cfg.checkpoint_path, "checkpoint_loaded": state is not None}
         bs = cfg.batch_size
         with torch.enable_grad(), _frozen(model), rots.installed(model, cfg.quantize_weights):
             if before is None:
@@ -726,9 +729,9 @@ class RotationLearnPass:
 
     @staticmethod
     def _optimizer(rots: LearnedRotations, cfg: RotationLearnConfig) -> torch.optim.Optimizer:
-        smooth = list(rots.smooth.parameters())
-        groups = [{"params": [p for p in rots.parameters() if all(p is not q for q in smooth)]},
-                  {"params": smooth, "lr": cfg.smooth_lr or cfg.lr}]
+        named = list(rots.named_parameters())
+        groups = [{"params": [p for n, p in named if not n.startswith("smooth.")]},
+                  {"params": [p for n, p in named if n.startswith("smooth.")], "lr": cfg.smooth_lr or cfg.lr}]
         groups = [g for g in groups if g["params"]]
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -741,9 +744,7 @@ class RotationLearnPass:
         with quantization_bypassed(model):
             ref = _logits(model, ids)
             saved = {k: v.clone() for k, v in rots.state_dict().items()}
-            g = torch.Generator().manual_seed(1)
-            for p in rots.parameters():  # random rotations (and scales) away from the start: a strong check
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+            randomise(rots, 0.3, seed=1)  # random rotations (and scales) away from the start: a strong check
             try:
                 with rots.installed(model):
                     got = _logits(model, ids)
@@ -760,6 +761,14 @@ class RotationLearnPass:
     @staticmethod
     def _calibration(cfg: RotationLearnConfig, ctx: PassContext) -> tuple[torch.Tensor, dict]:
         return calibration_windows(ctx, "rotation_learn", cfg)
+
+
+@torch.no_grad()
+def randomise(rots: LearnedRotations, scale: float, seed: int) -> None:
+    """Every rotation parameter and log-scale drawn from N(0, scale^2): far from the start, for exactness checks."""
+    g = torch.Generator().manual_seed(seed)
+    for p in rots.parameters():
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
 
 
 def _copy(state: dict) -> dict:
